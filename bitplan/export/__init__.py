@@ -1,0 +1,1 @@
+"""Exporters from plans to runtime formats: compressed-tensors/vLLM, GPTQModel dynamic, llama.cpp (issue: export)."""

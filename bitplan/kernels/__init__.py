@@ -1,0 +1,1 @@
+"""Low-bit matmul / attention kernels behind the packed modules: torch CPU ops and Triton (issue: kernels)."""

@@ -1,0 +1,1 @@
+"""Multi-objective Optuna search over per-layer formats under memory and latency budgets (issue: search)."""
