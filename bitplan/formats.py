@@ -9,7 +9,8 @@ Three families, one per thing a plan decides:
 Storage accounting is exact, because the search's memory budget adds these numbers up and the packed
 model must hold what the plan says (checked to 1%). Conventions, shared with the packer:
 
-* codes are bit-packed densely: ``b`` bits per element, 8 elements in ``b`` bytes;
+* codes are bit-packed densely along each row: 8 codes in ``b`` bytes, a row padded to a multiple of
+  8 codes (no padding for any real LLM width; stories260k's 172-wide MLP pads 4 codes a row);
 * every scale and every offset is one 16-bit float;
 * a group size is a multiple of 8 so that each group packs into whole bytes at any bit width;
 * asymmetric formats store ``(scale, offset)`` per group and decode ``w = scale * q + offset``
@@ -128,31 +129,32 @@ class WeightFormat:
         """Raise :class:`FormatError` unless a ``[out, in_features]`` weight can be stored in this format."""
         if not self.is_quantized:
             return
-        if in_features % 8:
-            raise FormatError(f"{self}: input features {in_features} are not a multiple of 8, cannot bit-pack")
         if self.group_size is not None and in_features % self.group_size:
             raise FormatError(f"{self}: group size {self.group_size} does not divide the input features {in_features}")
 
     def fit_group(self, in_features: int) -> WeightFormat:
-        """This format with the largest valid group size <= the requested one that divides ``in_features``."""
+        """This format with the largest valid group size <= the requested one that divides ``in_features``.
+
+        When no multiple of 8 does (stories260k's 172-wide MLP), the limit of the family is used: one
+        scale per output channel.
+        """
         if self.group_size is None or in_features % self.group_size == 0:
-            self.check_applicable(in_features)
             return self
         for g in range(self.group_size - self.group_size % 8, 7, -8):
             if in_features % g == 0:
                 return replace(self, group_size=g)
-        raise FormatError(f"{self}: no group size <= {self.group_size} divides the input features {in_features}")
+        return replace(self, group_size=None)
 
     # -- storage --------------------------------------------------------------------------------
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Exact bits to store an ``[out_features, in_features]`` weight: codes, scales and offsets."""
-        n = out_features * in_features
         if not self.is_quantized:
-            return 16 * n
+            return 16 * out_features * in_features
         self.check_applicable(in_features)
+        padded = in_features if self.bits == 8 else -(-in_features // 8) * 8  # whole 8-code words per row
         groups = out_features * (in_features // self.effective_group(in_features))
         per_group = SCALE_BITS * (2 if self.has_offset else 1)
-        return self.bits * n + per_group * groups
+        return self.bits * out_features * padded + per_group * groups
 
     def bits_per_weight(self, in_features: int) -> float:
         """Average stored bits per element, scale and offset overhead included."""
