@@ -54,7 +54,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, progress: bool = False, calib: A
                 qmod = QuantLinear.from_float(module, choice.format, act, method=choice.method)
             model.set_submodule(member.path, qmod)
     if "lm_head" in plan.extra and graph.tied_embeddings:
-        model.config.tie_word_embeddings = False  # the head now has its own packed weight
+        model.config.tie_word_embeddings = False  # type: ignore[union-attr]  # the head now has its own packed weight
     if any(kv.is_quantized for kv in plan.kv_formats()):
         install_kv_plan(model, plan.kv_formats())
     model.bitplan_plan = plan  # type: ignore[assignment]

@@ -133,6 +133,49 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from bitplan.sensitivity import Candidates, SensitivityTable, describe, load_calib, profile
+
+    if args.action == "show":
+        if not args.table:
+            raise BitplanError("sensitivity show needs a table: bitplan sensitivity show sens.parquet")
+        print(describe(SensitivityTable.load(args.table), top=args.top))
+        return 0
+    if args.action is not None:
+        raise BitplanError(f"unknown sensitivity action {args.action!r}; use 'show TABLE' or options to profile")
+    missing = [o for o, v in (("--model", args.model), ("--calib", args.calib), ("-o", args.output)) if not v]
+    if missing:
+        raise BitplanError(f"sensitivity needs {', '.join(missing)}")
+    if args.tokens < 1:
+        raise BitplanError(f"--tokens must be positive, got {args.tokens}")
+    from bitplan.loading import load_tokenizer, parse_dtype
+
+    candidates = Candidates.parse(
+        _split(args.weights), _split(args.acts), None if args.kv is None else args.kv.split(";"), method=args.quantizer
+    )
+    compute_dtype = parse_dtype(args.compute_dtype)
+    if isinstance(compute_dtype, str):
+        raise BitplanError("--compute-dtype must be a concrete dtype: bfloat16, float32 or float16")
+    model = _load(args)
+    calib = load_calib(load_tokenizer(args.model), args.calib, args.tokens, args.window)
+    t0 = time.perf_counter()
+    table = profile(
+        model, calib, candidates, method=args.method, kinds=args.kinds.split(","), granularity=args.granularity,
+        output=args.output, batch_size=args.batch_size, dtype=compute_dtype, model_name=args.model,
+        progress=not args.json,
+    )  # fmt: skip
+    if args.json:
+        _print_json({"table": str(args.output), "rows": len(table), "tokens": table.meta.tokens, "seconds": round(time.perf_counter() - t0, 3), **table.meta.extra})
+    else:
+        print(describe(table, top=args.top))
+        print(f"wrote {args.output} ({len(table)} rows)")
+    return 0
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [t for t in text.split(",") if t]
+
+
 # -- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bitplan", description="Find and apply per-layer precision plans for LLMs.")
@@ -174,6 +217,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-kl", action="store_true", help="skip KL against the unquantized model (saves a second model)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_apply)
+
+    sp = sub.add_parser("sensitivity", help="profile every unit's sensitivity (or: sensitivity show TABLE)")
+    sp.add_argument("action", nargs="?", help="'show' to print a table's most and least sensitive units")
+    sp.add_argument("table", nargs="?", help="table to show")
+    sp.add_argument("--model", help="Hugging Face model directory or hub id")
+    sp.add_argument("--dtype", default="float32", help="dtype to load the model in (default float32)")
+    sp.add_argument("--calib", metavar="FILE", help="calibration text (never the evaluation text)")
+    sp.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    sp.add_argument("--window", type=int, default=512, help="tokens per calibration window (default 512; KV needs long ones)")
+    sp.add_argument("--method", choices=["fisher", "kl", "both"], default="both")
+    sp.add_argument("--kinds", default="weight,act,kv", help="what to score (default weight,act,kv)")
+    sp.add_argument("--weights", help="comma-separated weight options, e.g. w4g64a,w3g64a@hqq (default: a standard set)")
+    sp.add_argument("--acts", help="comma-separated activation formats (default a8t,a4t)")
+    sp.add_argument("--kv", help="KV pairs: bit set '2,4,8,16' (all K x V pairs) or formats 'k4v2;k8v4' (default 2,4,8,16)")
+    sp.add_argument("--quantizer", default="rtn", help="weight quantizer for options without @method (default rtn)")
+    sp.add_argument("--granularity", choices=["fused", "tensor"], default="fused")
+    sp.add_argument("--batch-size", type=int, default=4)
+    sp.add_argument("--compute-dtype", default="bfloat16", help="dtype of the scoring passes (default bfloat16; float32 for exact)")
+    sp.add_argument("--top", type=int, default=10, help="units to list per kind in the summary")
+    sp.add_argument("-o", "--output", help="Parquet table to write (resumes / reuses when it exists)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_sensitivity)
     return p
 
 

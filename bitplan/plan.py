@@ -205,8 +205,8 @@ class Plan:
         group_of: dict[str, str] = {}  # fused plans: member's full name -> its group's full name
         if self.granularity == "fused":
             for info in graph.layers:
-                for fused_local, members in info.fused_groups:
-                    for m in members:
+                for fused_local, member_locals in info.fused_groups:
+                    for m in member_locals:
                         group_of[f"layers.{info.index}.{m}"] = f"layers.{info.index}.{fused_local}"
         new_layers = []
         shapes: dict[str, tuple[int, int]] = {}
@@ -221,17 +221,17 @@ class Plan:
                     folded[local] = choice
                 else:
                     raise PlanError(f"unknown unit {full!r} for {graph.architecture} at {self.granularity} granularity")
-            for gname, members in by_group.items():
+            for gname, chosen in by_group.items():
                 expected = [m.local for m in units[gname].members]
-                missing = [m for m in expected if m not in members]
-                if len(set(members.values())) > 1:
-                    mix = ", ".join(f"{m.rsplit('.', 1)[-1]}={c}" for m, c in members.items())
+                missing = [m for m in expected if m not in chosen]
+                if len(set(chosen.values())) > 1:
+                    mix = ", ".join(f"{m.rsplit('.', 1)[-1]}={c}" for m, c in chosen.items())
                     raise PlanError(f"fused group {gname} has mixed formats ({mix}); a fused plan needs one format per group")
                 if missing:
                     raise PlanError(f"fused group {gname} names only some members; missing {', '.join(missing)}")
                 if gname.split(".", 2)[2] in folded:
                     raise PlanError(f"fused group {gname} is named both as a group and by its members")
-                folded[gname.split(".", 2)[2]] = next(iter(members.values()))
+                folded[gname.split(".", 2)[2]] = next(iter(chosen.values()))
             expected_units = graph.layer_units(layer.index, self.granularity)
             missing_units = [u.name for u in expected_units if u.local not in folded]
             if missing_units:
@@ -468,10 +468,10 @@ def uniform_plan(
             shapes[unit.name] = (unit.out_features, unit.in_features)
         layers.append(LayerPlan(info.index, choices, a, k))
     notes = []
-    for fitted, names in refitted.items():
+    for fitted_text, names in refitted.items():
         note = (
             f"{w}: group size {w.group_size} does not divide the input features of {len(names)} unit(s) "
-            f"(e.g. {names[0]}); they use {fitted}"
+            f"(e.g. {names[0]}); they use {fitted_text}"
         )
         notes.append(note)
         logging.getLogger("bitplan").warning(note)
