@@ -1,0 +1,153 @@
+"""``profile()``: score every unit's weight, activation and KV options, resumably.
+
+Orchestration only: the Fisher engine (``_fisher``) scores everything from one forward+backward per
+batch, the measured engine (``_measure``) runs only-this-unit-quantized KLs; this module decides what
+still has to be computed, persists progress, adds the KV space reduction and writes the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from bitplan.errors import BitplanError
+from bitplan.graph import build_graph
+from bitplan.sensitivity._calib import CalibData
+from bitplan.sensitivity._candidates import Candidates
+from bitplan.sensitivity._rows import ScoreRow
+from bitplan.sensitivity._table import PartialStore, SensitivityTable, TableMeta, _now
+
+__all__ = ["profile"]
+
+Method = Literal["fisher", "kl", "both"]
+_log = logging.getLogger("bitplan")
+
+
+def _methods(method: str) -> list[str]:
+    if method not in ("fisher", "kl", "both"):
+        raise BitplanError(f"--method must be fisher, kl or both, got {method!r}")
+    return ["fisher", "kl"] if method == "both" else [method]
+
+
+def _expected_keys(graph: Any, candidates: Candidates, kinds: Sequence[str], methods: Sequence[str], granularity: str) -> set[tuple[str, ...]]:
+    keys: set[tuple[str, ...]] = set()
+    for m in methods:
+        if "weight" in kinds:
+            for unit in graph.units(granularity):
+                for opt in candidates.weight_options(unit.in_features):
+                    keys.add((unit.name, "weight", str(opt.format), opt.method, m))
+        for info in graph.layers:
+            if "act" in kinds:
+                keys.update((f"layers.{info.index}.acts", "act", str(a), "", m) for a in candidates.acts)
+            if "kv" in kinds and m == "kl":  # KV pairs are measured (Fisher does not score them)
+                keys.update((f"layers.{info.index}.kv", "kv", str(k), "", m) for k in candidates.kv)
+    return keys
+
+
+def profile(
+    model: nn.Module,
+    calib: CalibData,
+    candidates: Candidates | None = None,
+    *,
+    method: Method = "both",
+    kinds: Sequence[str] = ("weight", "act", "kv"),
+    granularity: Literal["fused", "tensor"] = "fused",
+    output: str | os.PathLike[str] | None = None,
+    batch_size: int = 4,
+    dtype: torch.dtype = torch.bfloat16,
+    model_name: str = "",
+    progress: bool = True,
+) -> SensitivityTable:
+    """Score every option of every unit of ``model`` on ``calib``; see the package docstring.
+
+    With ``output``, an existing table for the same inputs is returned as is, and an interrupted run
+    resumes from the rows it had finished. ``dtype`` is the compute dtype of the scoring passes
+    (bfloat16 by default: on CPUs with AMX it is ~7x faster than float32; its rounding noise floor is
+    reported in bench/RESULTS.md).
+    """
+    from bitplan import __version__
+
+    candidates = candidates or Candidates()
+    methods = _methods(method)
+    bad = [k for k in kinds if k not in ("weight", "act", "kv")]
+    if bad:
+        raise BitplanError(f"unknown kind(s) {', '.join(bad)}; kinds are weight, act, kv")
+    graph = build_graph(model)
+    meta = TableMeta(
+        model_fingerprint=graph.fingerprint,
+        model_name=model_name or str(getattr(model, "name_or_path", "") or ""),
+        calib_hash=calib.hash,
+        calib_source=calib.source,
+        tokens=calib.tokens,
+        window=calib.window,
+        granularity=granularity,
+        dtype=str(dtype).removeprefix("torch."),
+        num_kv_heads=graph.num_kv_heads,
+        head_dim=graph.head_dim,
+        candidates=candidates.to_dict(),
+        bitplan_version=__version__,
+        created=_now(),
+    )
+    wanted = _expected_keys(graph, candidates, kinds, methods, granularity)
+
+    if output is not None and Path(output).exists():
+        existing = SensitivityTable.load(output)
+        if existing.meta.identity() == meta.identity() and wanted <= {r.key for r in existing.rows}:
+            _log.info("reusing %s: same model, calibration tokens and options", output)
+            return existing
+        base_rows = existing.rows if existing.meta.identity() == meta.identity() else []
+    else:
+        base_rows = []
+    store = PartialStore(output, meta) if output is not None else None
+    rows: list[ScoreRow] = [*base_rows, *(store.rows() if store else [])]
+    done = {r.key for r in rows}
+
+    def keep(new: Sequence[ScoreRow]) -> None:
+        fresh = [r for r in new if r.key not in done]
+        done.update(r.key for r in fresh)
+        rows.extend(fresh)
+        if store is not None:
+            store.append(fresh)
+
+    timings: dict[str, float] = {}
+    if "fisher" in methods:
+        todo = {k for k in wanted if k[4] == "fisher"} - done
+        fisher_kinds = tuple(k for k in kinds if k in ("weight", "act"))
+        if todo and fisher_kinds:
+            from bitplan.sensitivity._fisher import fisher_scores
+
+            t = time.perf_counter()
+            keep(fisher_scores(model, calib, candidates, granularity=granularity, batch_size=batch_size, dtype=dtype, kinds=fisher_kinds, progress=progress))
+            timings["fisher_seconds"] = time.perf_counter() - t
+    if "kl" in methods:
+        todo = {k for k in wanted if k[4] == "kl"} - done
+        if todo:
+            from bitplan.sensitivity._measure import measured_scores
+
+            t = time.perf_counter()
+            keep(measured_scores(
+                model, calib, candidates, kinds=tuple(kinds), granularity=granularity, batch_size=batch_size,
+                dtype=dtype, skip=set(done), on_rows=keep, progress=progress,
+            ))  # fmt: skip
+            timings["kl_seconds"] = time.perf_counter() - t
+
+    extra: dict[str, Any] = {"timings": timings} if timings else {}
+    kv_rows = [r for r in rows if r.kind == "kv" and r.method == "kl"]
+    if kv_rows:
+        from bitplan.sensitivity._kvreduce import k_vs_v, reduce_kv
+
+        extra["kv_reduction"] = reduce_kv(kv_rows, graph.num_kv_heads, graph.head_dim).to_dict()
+        extra["k_vs_v"] = {str(k): v for k, v in k_vs_v(kv_rows).items()}
+    table = SensitivityTable(rows, meta).with_extra(**extra)
+    if output is not None:
+        table.save(output)
+        if store is not None:
+            store.cleanup()
+    return table
