@@ -1,0 +1,180 @@
+"""One-pass, exact simulation of one layer's quantized KV cache, for the measured sensitivity engine.
+
+Ground truth is :func:`bitplan.eval.evaluate` with a :class:`~bitplan.kvcache.MixedPrecisionKVCache` that
+quantizes only layer ``l``: each window is fed in chunks of ``c`` tokens, and each chunk reads the tokens the
+cache has already *flushed* to packed storage through fake-quantized K/V, and everything newer (the 16-bit
+residual and the chunk itself) exactly. Reproducing that with ``window / c`` forward passes per window would
+cost 16x a plain pass at ``c = 32``; this module gets the same numbers from one pass over the window.
+
+Why one pass is exact
+---------------------
+* **Which tokens are flushed is a pure function of the query position.** The cache flushes after each
+  update once its residual holds ``recent + u`` tokens (``u`` = the group size when a quantized side is
+  per-channel, else 1), always a multiple of ``u`` tokens. Starting empty, the stored count before the chunk
+  that starts at token ``s`` is therefore ``S = max(0, floor((s - recent) / u) * u)`` (induction: the count
+  stays a multiple of ``u`` and only grows), see :func:`stored_before`.
+* **A token's quantized value does not depend on when it was flushed.** Per-token sides quantize each token
+  alone; per-channel sides quantize groups of ``g`` consecutive tokens, and every flush starts at a multiple
+  of ``u = g``, so groups always cover ``[k g, (k+1) g)``. Fake-quantizing the whole window's K (or V) once,
+  group-aligned from token 0, gives every flushed token exactly the value the cache would decode for it
+  (same :func:`~bitplan.quantizers.kv.quantize_kv` arithmetic, per batch row and head).
+* **So attention is a masked two-part attention.** The target layer sees keys ``[K_q; K]`` and values
+  ``[V_q; V]`` (``2T`` keys), and query ``i`` may see key ``t <= i`` through the quantized copy iff
+  ``t < S(i)`` and through the exact copy otherwise (:func:`two_part_mask`). Softmax over the union equals
+  softmax over the one key set the chunked cache hands to attention, because each key appears once.
+
+The two-part keys enter through the layer's own ``past_key_values.update`` call (:class:`TwoPartKV`, a
+duck-typed cache given to that one layer only) together with an explicit attention mask, so no attention
+implementation is patched or registered and no config is touched. Up to floating-point rounding (the chunked
+run computes K/V with different matmul shapes) the result equals the chunked evaluation; the tests check it in
+fp32. Formats of the same layer can share one pass by stacking them along the batch (``fmts`` with ``per``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bitplan.formats import KVFormat
+from bitplan.quantizers.kv import fake_quantize_kv
+
+__all__ = ["TwoPartKV", "chunked_head_inputs", "eval_chunk", "flush_unit", "stored_before", "two_part_mask"]
+
+
+def flush_unit(fmt: KVFormat) -> int:
+    """Tokens per flush step of :class:`~bitplan.kvcache.MixedKVLayer` for ``fmt`` (its ``flush_unit``)."""
+    from bitplan.kvcache import MixedKVLayer
+
+    return int(MixedKVLayer(fmt).flush_unit)
+
+
+def eval_chunk(fmt: KVFormat) -> int:
+    """Tokens per forward pass :func:`bitplan.eval.evaluate` uses when only one layer is quantized with ``fmt``."""
+    from bitplan.eval import _auto_chunk
+    from bitplan.kvcache import MixedKVLayer
+
+    return int(_auto_chunk(SimpleNamespace(layers=[MixedKVLayer(fmt)])))
+
+
+def stored_before(fmt: KVFormat, window: int, chunk: int | None = None) -> Tensor:
+    """``S[i]``: tokens in packed storage when the chunk holding query ``i`` is fed (int64 ``[window]``)."""
+    c = eval_chunk(fmt) if chunk is None else int(chunk)
+    if c < 1:
+        raise ValueError(f"chunk must be at least 1 token, got {c}")
+    u = flush_unit(fmt)
+    start = torch.arange(window) // c * c
+    return (start - fmt.recent).clamp_min(0) // u * u
+
+
+def _allowed(mask: Tensor | None, q_len: int, device: torch.device) -> Tensor:
+    """The boolean 'may attend' pattern of a captured layer mask (``None``: plain causal)."""
+    if mask is None:
+        return torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril_()[None, None]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2  # additive float mask: 0 = attend, dtype min = masked
+
+
+def two_part_mask(
+    stored: Sequence[Tensor], base: Tensor | None, q_len: int, *, per: int, dtype: torch.dtype
+) -> Tensor:
+    """Mask ``[len(stored) * per (or 1), 1, T, 2T]`` over keys ``[K_q; K]`` (see the module docstring).
+
+    ``stored[f]`` is :func:`stored_before` of format ``f`` (its batch rows are ``f*per .. (f+1)*per``); ``base``
+    is the mask the model built for this layer (bool, additive float or ``None`` for causal), whose pattern is
+    kept (sliding windows, padding). The result has ``base``'s kind: additive float in ``dtype`` for a float
+    mask (eager attention), else boolean (sdpa; ``None`` means sdpa's own causal path).
+    """
+    device = base.device if base is not None else stored[0].device
+    allowed = _allowed(base, q_len, device)
+    t = torch.arange(q_len, device=device)
+    parts = []
+    for s in stored:
+        quant = (t[None, :] < s.to(t)[:, None])[None, None]  # [1, 1, T, T]: key t read from packed storage
+        m = torch.cat([allowed & quant, allowed & ~quant], dim=-1)
+        parts.append(m.expand(per, *m.shape[1:]) if len(stored) > 1 else m)  # m has batch 1 or per
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if base is not None and base.dtype != torch.bool:
+        zero = torch.zeros((), dtype=dtype)
+        return torch.where(out, zero, torch.finfo(dtype).min)
+    return out
+
+
+def _fake_side(x: Tensor, fmt: KVFormat, which: str) -> Tensor:
+    """``x [B,H,T,D]`` as the cache would decode it once flushed (16-bit sides and partial groups exact)."""
+    bits, axis = fmt.side(which)  # type: ignore[arg-type]
+    if bits == 16:
+        return x
+    g = fmt.effective_group(which, x.shape[-1])  # type: ignore[arg-type]
+    if axis == "token":
+        return fake_quantize_kv(x, bits, "token", g)
+    n = x.shape[2] // g * g  # per-channel: only whole groups are ever flushed (module docstring)
+    if n == 0:
+        return x
+    head = fake_quantize_kv(x[:, :, :n], bits, "channel", g)
+    return head if n == x.shape[2] else torch.cat([head, x[:, :, n:]], dim=2)
+
+
+class TwoPartKV:
+    """Stands in for the cache of the one target layer: ``update`` returns ``[K_q; K]`` and ``[V_q; V]``.
+
+    With several formats, batch rows ``f*per .. (f+1)*per`` use ``fmts[f]``. Only ``update`` is provided:
+    the layer receives this object as ``past_key_values`` and an explicit mask, nothing else reads it.
+    """
+
+    def __init__(self, fmts: Sequence[KVFormat], per: int) -> None:
+        self.fmts = tuple(fmts)
+        self.per = per
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        out: list[Tensor] = []
+        for x, which in ((key_states, "k"), (value_states, "v")):
+            if len(self.fmts) == 1:
+                xq = _fake_side(x, self.fmts[0], which)
+            else:
+                xq = torch.cat(
+                    [
+                        _fake_side(x[f * self.per : (f + 1) * self.per], fmt, which)
+                        for f, fmt in enumerate(self.fmts)
+                    ]
+                )
+            out.append(torch.cat([xq, x], dim=2))
+        return out[0], out[1]
+
+
+def chunked_head_inputs(
+    model: Any,
+    head: Any,
+    ids: Tensor,
+    layer: int,
+    fmts: Sequence[KVFormat],
+    chunk: int | None,
+    num_layers: int,
+) -> Tensor:
+    """Fallback for layers that take no ``past_key_values`` keyword: the real thing, as ``evaluate`` does.
+
+    For each format, a fresh :class:`~bitplan.kvcache.MixedPrecisionKVCache` quantizing only ``layer`` is fed
+    the windows chunk by chunk; returns the head inputs ``[len(fmts) * b, T, d]`` (format-major).
+    """
+    from bitplan.kvcache import MixedPrecisionKVCache
+
+    outs: list[Tensor] = []
+    handle = head.register_forward_pre_hook(lambda m, a: outs.append(a[0].detach()))
+    parts = []
+    try:
+        for fmt in fmts:
+            cache = MixedPrecisionKVCache([fmt if i == layer else KVFormat() for i in range(num_layers)])
+            c = eval_chunk(fmt) if chunk is None else chunk
+            outs.clear()
+            for s in range(0, ids.shape[1], c):
+                model(ids[:, s : s + c], past_key_values=cache, use_cache=True)
+            parts.append(torch.cat(outs, dim=1))
+    finally:
+        handle.remove()
+    return torch.cat(parts)
