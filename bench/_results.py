@@ -46,7 +46,8 @@ def git_rev() -> str:
 
 def stamp() -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"- command: `{command()}`\n- machine: {machine()}\n- date: {now}, commit {git_rev()}\n"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"- command: `{command()}`\n- machine: {machine()}\n- date: {now}, commit {git_rev()}; load average at write {load}\n"
 
 
 def write_section(name: str, body: str) -> None:

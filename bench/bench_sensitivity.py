@@ -1,0 +1,110 @@
+"""Sensitivity profiles of the main model: cost, stability across calibration subsets, additivity.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_sensitivity.py --parts fisher,overlap
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_sensitivity.py --parts kl-sample
+
+Parts (each writes its own section of bench/RESULTS.md):
+* ``fisher``: the full Fisher profile (all units x default weight options + act formats) at --tokens
+  calibration tokens: wall time, rows, cost per batch.
+* ``overlap``: Fisher profiles on two disjoint calibration subsets; overlap of the 10 most sensitive
+  weight units (ranked at each unit's harshest option).
+* ``kl-sample``: measured-KL rows for a sample of units/layers (first, middle, last layer: weights,
+  acts, KV), their cost per row and the extrapolated full-profile time, and the Fisher-vs-measured
+  agreement on the sampled rows.
+Calibration text only (wikitext-2 validation); the test text is never read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import stamp, write_section  # noqa: E402
+from bench_core import SHARED, default_model  # noqa: E402
+
+import bitplan  # noqa: E402
+from bitplan.graph import build_graph  # noqa: E402
+from bitplan.sensitivity import Candidates, SensitivityTable, describe, load_calib  # noqa: E402
+from bitplan.sensitivity._table import TableMeta  # noqa: E402
+
+
+def _ranked_units(rows: list, top: int) -> list[str]:
+    table = SensitivityTable(rows, TableMeta("", "", "", "", 0, 0, "fused", "", 0, 0))
+    text = describe(table, top=top)
+    block = text.split("weight / fisher")[1].split("least sensitive")[0]
+    return [line.split()[0] for line in block.splitlines() if line.startswith("    layers.")]
+
+
+def part_fisher(model, tok, args) -> None:
+    from bitplan.sensitivity._fisher import fisher_scores
+
+    calib = load_calib(tok, args.calib, args.tokens, args.window)
+    t = time.perf_counter()
+    rows = fisher_scores(model, calib, Candidates(), batch_size=args.batch_size, progress=True)
+    sec = time.perf_counter() - t
+    graph = build_graph(model)
+    n_w = sum(r.kind == "weight" for r in rows)
+    n_a = sum(r.kind == "act" for r in rows)
+    body = [
+        f"## Sensitivity: full Fisher profile of {Path(args.model).name}",
+        "",
+        stamp().rstrip(),
+        f"- calibration: first {calib.tokens} tokens of `wikitext-2-valid-unk.txt`, {calib.num_windows} windows of {calib.window}",
+        f"- options: {', '.join(str(w) for w in Candidates().weights)} per unit; acts {', '.join(str(a) for a in Candidates().acts)} per layer",
+        "",
+        "| model | layers | units | weight rows | act rows | batches | wall seconds | seconds per batch | goal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| {Path(args.model).name} | {graph.num_layers} | {len(graph.units())} | {n_w} | {n_a} | "
+        f"{-(-calib.num_windows // args.batch_size)} | {sec:.0f} | {sec / -(-calib.num_windows // args.batch_size):.1f} | <= 120 s |",
+    ]
+    write_section("sensitivity-fisher", "\n".join(body))
+    print("\n".join(body))
+
+
+def part_overlap(model, tok, args) -> None:
+    from bitplan.sensitivity._fisher import fisher_scores
+
+    a = load_calib(tok, args.calib, args.tokens, args.window)
+    b = load_calib(tok, args.calib, args.tokens, args.window, skip_tokens=args.tokens)
+    top_a = _ranked_units(fisher_scores(model, a, Candidates(acts=()), batch_size=args.batch_size, kinds=("weight",)), 10)
+    top_b = _ranked_units(fisher_scores(model, b, Candidates(acts=()), batch_size=args.batch_size, kinds=("weight",)), 10)
+    common = [u for u in top_a if u in top_b]
+    body = [
+        "## Sensitivity: stability of the 10 most sensitive weight units (Fisher)",
+        "",
+        stamp().rstrip(),
+        f"- two disjoint calibration subsets of {args.tokens} tokens each (tokens 0-{args.tokens} and {args.tokens}-{2 * args.tokens} of the validation text)",
+        f"- overlap of the top 10: **{len(common)}/10**",
+        "",
+        "| rank | subset A | subset B |",
+        "|---:|---|---|",
+        *[f"| {i + 1} | {ua} | {ub} |" for i, (ua, ub) in enumerate(zip(top_a, top_b, strict=False))],
+    ]
+    write_section("sensitivity-overlap", "\n".join(body))
+    print("\n".join(body))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--calib", default=str(SHARED / "data" / "wikitext-2-valid-unk.txt"))
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--parts", default="fisher,overlap")
+    args = ap.parse_args()
+    args.model = args.model or default_model()
+    model = bitplan.load_model(args.model, dtype=torch.float32)
+    tok = bitplan.load_tokenizer(args.model)
+    parts = {"fisher": part_fisher, "overlap": part_overlap}
+    for name in args.parts.split(","):
+        parts[name](model, tok, args)
+
+
+if __name__ == "__main__":
+    main()
