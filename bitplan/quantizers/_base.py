@@ -141,6 +141,23 @@ def group_sq_error(
     return (deq - wg).square_().sum(-1)
 
 
+class BestPerGroup:
+    """The lowest-error fp16 ``(scales, offsets)`` seen so far, per group, for search-based methods."""
+
+    def __init__(self, wg: torch.Tensor, fmt: WeightFormat, scales: torch.Tensor, offsets: torch.Tensor | None) -> None:
+        self.wg, self.fmt = wg, fmt
+        self.scales, self.offsets = scales, offsets
+        self.err = group_sq_error(wg, fmt, scales, offsets)
+
+    def offer(self, scales: torch.Tensor, offsets: torch.Tensor | None) -> None:
+        err = group_sq_error(self.wg, self.fmt, scales, offsets)
+        better = err < self.err
+        self.err = torch.where(better, err, self.err)
+        self.scales = torch.where(better, scales, self.scales)
+        if self.offsets is not None and offsets is not None:
+            self.offsets = torch.where(better, offsets, self.offsets)
+
+
 def row_chunks(rows: int, cols: int, max_elems: int = 1 << 22) -> list[slice]:
     """Row slices of at most ~``max_elems`` elements, to bound the temporaries of search-based methods."""
     step = max(1, max_elems // max(cols, 1))

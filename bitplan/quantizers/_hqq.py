@@ -35,9 +35,9 @@ import torch
 from bitplan.formats import WeightFormat
 from bitplan.quantizers._base import (
     FP16_MIN_SCALE,
+    BestPerGroup,
     QuantizedWeight,
     WeightQuantizer,
-    group_sq_error,
     group_view,
     minmax_params,
     register_weight_quantizer,
@@ -105,8 +105,8 @@ class HQQ(WeightQuantizer):
 
     def _optimise(self, wg: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Best fp16 ``(scales, offsets)`` per group over the min-max start and every HQQ iterate."""
-        best_s, best_o = minmax_params(wg.amin(-1), wg.amax(-1), fmt)
-        best_err = group_sq_error(wg, fmt, best_s, best_o)
+        best = BestPerGroup(wg, fmt, *minmax_params(wg.amin(-1), wg.amax(-1), fmt))
+        best_s, best_o = best.scales, best.offsets
         top = 2**fmt.bits - 1
         mid = float(2 ** (fmt.bits - 1)) if fmt.symmetric else 0.0  # the code of w == 0 (symmetric)
         s = best_s.float().unsqueeze(-1)
@@ -124,15 +124,8 @@ class HQQ(WeightQuantizer):
             if not fmt.symmetric:  # (c) closed-form zero, in code units
                 z = (q - target / s).mean(-1, keepdim=True)
             beta *= self.kappa
-            cand_s = s.squeeze(-1).to(torch.float16)
-            cand_o = None if fmt.symmetric else to_fp16(-(z * s).squeeze(-1))
-            err = group_sq_error(wg, fmt, cand_s, cand_o)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, cand_s, best_s)
-            if best_o is not None and cand_o is not None:
-                best_o = torch.where(better, cand_o, best_o)
-        return best_s, best_o
+            best.offer(s.squeeze(-1).to(torch.float16), None if fmt.symmetric else to_fp16(-(z * s).squeeze(-1)))
+        return best.scales, best.offsets
 
     def __repr__(self) -> str:
         return f"HQQ(iters={self.iters}, p={self.p}, beta={self.beta}, kappa={self.kappa}, fit_scale={self.fit_scale})"

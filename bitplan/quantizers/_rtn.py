@@ -18,9 +18,9 @@ import torch
 
 from bitplan.formats import WeightFormat
 from bitplan.quantizers._base import (
+    BestPerGroup,
     QuantizedWeight,
     WeightQuantizer,
-    group_sq_error,
     group_view,
     minmax_params,
     register_weight_quantizer,
@@ -79,17 +79,10 @@ class RTNMSE(RTN):
 
     def _search(self, wg: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
         lo, hi = wg.amin(-1), wg.amax(-1)
-        best_s, best_o = minmax_params(lo, hi, fmt)
-        best_err = group_sq_error(wg, fmt, best_s, best_o)
+        best = BestPerGroup(wg, fmt, *minmax_params(lo, hi, fmt))
         for r in self.ratios()[1:]:
-            s, o = minmax_params(lo * r, hi * r, fmt)
-            err = group_sq_error(wg, fmt, s, o)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
-            if best_o is not None and o is not None:
-                best_o = torch.where(better, o, best_o)
-        return best_s, best_o
+            best.offer(*minmax_params(lo * r, hi * r, fmt))
+        return best.scales, best.offsets
 
     def __repr__(self) -> str:
         return f"RTNMSE(grid={self.grid}, min_ratio={self.min_ratio})"
