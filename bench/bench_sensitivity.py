@@ -8,6 +8,8 @@ Parts (each writes its own section of bench/RESULTS.md):
   calibration tokens: wall time, rows, cost per batch.
 * ``overlap``: Fisher profiles on two disjoint calibration subsets; overlap of the 10 most sensitive
   weight units (ranked at each unit's harshest option).
+* ``additivity``: 30 random mixed weight plans: summed Fisher unit scores vs the measured KL of each
+  applied plan on held-out calibration tokens (Spearman, relative error).
 * ``kvsplit``: measured KL of quantizing only K or only V of each layer at 2 bits (k2v16, k16v2):
   per layer, is K more sensitive than V (KVTuner's finding)?
 Calibration text only (wikitext-2 validation); the test text is never read here.
@@ -117,6 +119,39 @@ def part_kvsplit(model, tok, args) -> None:
     print("\n".join(body))
 
 
+def part_additivity(model, tok, args) -> None:
+    """Does adding unit scores predict a mixed plan's KL? Fisher weight scores vs measured plan KL."""
+    from bitplan.sensitivity import additivity_check
+    from bitplan.sensitivity._fisher import fisher_scores
+
+    calib = load_calib(tok, args.calib, args.tokens, args.window)
+    held = load_calib(tok, args.calib, args.heldout, args.window, skip_tokens=2 * args.tokens)  # disjoint from both profiles
+    rows = fisher_scores(model, calib, Candidates(acts=()), batch_size=args.batch_size, kinds=("weight",))
+    report = additivity_check(model, rows, held, n_plans=args.plans, seed=0, methods=("fisher",))
+    st = report.stats["fisher"]
+    body = [
+        f"## Sensitivity: additivity of Fisher weight scores on {Path(args.model).name}",
+        "",
+        stamp().rstrip(),
+        f"- scores: Fisher, {calib.tokens} calibration tokens; plans: {len(report.records)} random mixed weight plans "
+        "(per-unit options from the default set or bf16, aggressiveness spread evenly), KV and acts 16-bit",
+        f"- measured: mean KL of each whole applied plan vs the 16-bit model on {held.tokens} held-out calibration tokens "
+        f"(validation text after the profiles' tokens); {report.seconds:.0f} s",
+        f"- **Spearman rho {st.spearman:.3f}**, Pearson on logs {st.pearson_log:.3f}, relative error median "
+        f"{st.median_rel_err:.2f} / mean {st.mean_rel_err:.2f}, sum/measured median {st.median_ratio:.2f} "
+        f"(geometric mean {st.geomean_ratio:.2f})",
+        "",
+        "| plan | avg weight bits | predicted KL (sum) | measured KL |",
+        "|---:|---:|---:|---:|",
+        *[
+            f"| {i} | {r.avg_bits:.2f} | {r.predicted['fisher']:.4f} | {r.measured:.4f} |"
+            for i, r in enumerate(sorted(report.records, key=lambda r: r.measured))
+        ],
+    ]
+    write_section("sensitivity-additivity", "\n".join(body))
+    print("\n".join(body))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -125,11 +160,13 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--parts", default="fisher,overlap")
+    ap.add_argument("--heldout", type=int, default=4096, help="held-out calibration tokens for the additivity check")
+    ap.add_argument("--plans", type=int, default=30)
     args = ap.parse_args()
     args.model = args.model or default_model()
     model = bitplan.load_model(args.model, dtype=torch.float32)
     tok = bitplan.load_tokenizer(args.model)
-    parts = {"fisher": part_fisher, "overlap": part_overlap, "kvsplit": part_kvsplit}
+    parts = {"fisher": part_fisher, "overlap": part_overlap, "kvsplit": part_kvsplit, "additivity": part_additivity}
     for name in args.parts.split(","):
         parts[name](model, tok, args)
 
