@@ -30,15 +30,12 @@ from bench_core import SHARED, default_model  # noqa: E402
 
 import bitplan  # noqa: E402
 from bitplan.graph import build_graph  # noqa: E402
-from bitplan.sensitivity import Candidates, SensitivityTable, describe, load_calib  # noqa: E402
-from bitplan.sensitivity._table import TableMeta  # noqa: E402
+from bitplan.sensitivity import Candidates, load_calib  # noqa: E402
+from bitplan.sensitivity._table import rank_units  # noqa: E402
 
 
 def _ranked_units(rows: list, top: int) -> list[str]:
-    table = SensitivityTable(rows, TableMeta("", "", "", "", 0, 0, "fused", "", 0, 0))
-    text = describe(table, top=top)
-    block = text.split("weight / fisher")[1].split("least sensitive")[0]
-    return [line.split()[0] for line in block.splitlines() if line.startswith("    layers.")]
+    return [r.unit for r in rank_units(r for r in rows if r.kind == "weight")][:top]
 
 
 def part_fisher(model, tok, args) -> None:

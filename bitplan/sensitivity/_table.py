@@ -31,7 +31,7 @@ from bitplan._io import atomic_path, atomic_write_json
 from bitplan.errors import DataError
 from bitplan.sensitivity._rows import ScoreRow
 
-__all__ = ["SCHEMA_VERSION", "SensitivityTable", "TableMeta"]
+__all__ = ["SCHEMA_VERSION", "SensitivityTable", "TableMeta", "describe", "rank_units"]
 
 SCHEMA_VERSION = 1
 TABLE_KIND = "bitplan.sensitivity"
@@ -238,6 +238,19 @@ class PartialStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def rank_units(rows: Iterable[ScoreRow]) -> list[ScoreRow]:
+    """One row per unit -- its harshest (lowest-bit) option -- most sensitive first.
+
+    Ranking every unit at its lowest-bit option compares units under the same kind of stress.
+    """
+    harshest: dict[str, ScoreRow] = {}
+    for r in rows:
+        cur = harshest.get(r.unit)
+        if cur is None or (r.bits, -r.score) < (cur.bits, -cur.score):
+            harshest[r.unit] = r
+    return sorted(harshest.values(), key=lambda r: r.score, reverse=True)
+
+
 def describe(table: SensitivityTable, top: int = 10) -> str:
     """Human summary: per kind and method, the most and least sensitive units at their harshest option.
 
@@ -254,12 +267,7 @@ def describe(table: SensitivityTable, top: int = 10) -> str:
             rows = table.select(kind, method)
             if not rows:
                 continue
-            harshest: dict[str, ScoreRow] = {}
-            for r in rows:
-                cur = harshest.get(r.unit)
-                if cur is None or (r.bits, -r.score) < (cur.bits, -cur.score):
-                    harshest[r.unit] = r
-            ranked = sorted(harshest.values(), key=lambda r: r.score, reverse=True)
+            ranked = rank_units(rows)
             n = min(top, len(ranked))
             lines.append(f"\n{kind} / {method}: {len(rows)} rows over {len(ranked)} units")
             lines.append(f"  most sensitive ({n}):")
