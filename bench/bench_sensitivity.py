@@ -193,6 +193,115 @@ def part_cost(model, tok, args) -> None:
     print("\n".join(body))
 
 
+OUT = Path(__file__).resolve().parent / "out"  # cached tables (git-ignored): reruns resume instead of redoing
+
+
+def _main_table(model, tok, args):
+    """The default (``auto``) table of the main model: Fisher weights + acts, measured KV. Resumable."""
+    from bitplan.sensitivity import profile
+
+    calib = load_calib(tok, args.calib, args.tokens, args.window)
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"sens-auto-{Path(args.model).name}-{args.tokens}.parquet"
+    t = time.perf_counter()
+    table = profile(model, calib, Candidates(), method="auto", output=path, batch_size=args.batch_size,
+                    model_name=Path(args.model).name)  # fmt: skip
+    return table, calib, time.perf_counter() - t
+
+
+def part_table(model, tok, args) -> None:
+    """The full default table: does it cover every unit, option and KV pair? KV space reductions."""
+    from bitplan.sensitivity import KVReduction
+
+    table, calib, sec = _main_table(model, tok, args)
+    graph = build_graph(model)
+    c = Candidates()
+    have = {(r.unit, r.kind, r.format) for r in table.rows}
+    want_w = {(u.name, "weight", str(o.format)) for u in graph.units() for o in c.weight_options(u.in_features)}
+    want_a = {(f"layers.{i}.acts", "act", str(a)) for i in range(graph.num_layers) for a in c.acts}
+    want_k = {(f"layers.{i}.kv", "kv", str(k)) for i in range(graph.num_layers) for k in c.kv}
+    red = KVReduction.from_dict(table.meta.extra["kv_reduction"])
+    timings = table.meta.extra.get("timings", {})
+    n_kv = sum(r.kind == "kv" for r in table.rows)
+    kv_sec = sum(r.seconds for r in table.rows if r.kind == "kv")
+    body = [
+        f"## Sensitivity: the default table of {Path(args.model).name} (method auto: Fisher weights + acts, measured KV)",
+        "",
+        stamp().rstrip(),
+        f"- calibration: first {calib.tokens} tokens of `wikitext-2-valid-unk.txt`, {calib.num_windows} windows of "
+        f"{calib.window}; bf16 compute; table `{Path(table.meta.model_name or args.model).name}` with {len(table)} rows",
+        f"- coverage: weight {len(want_w & have)}/{len(want_w)} (unit, option), act {len(want_a & have)}/{len(want_a)}, "
+        f"KV {len(want_k & have)}/{len(want_k)} (layer, pair)",
+        f"- time: Fisher {timings.get('fisher_seconds', float('nan')):.0f} s (this run; 0 when reused), "
+        f"measured KV {kv_sec:.0f} s summed over {n_kv} rows ({kv_sec / max(n_kv, 1):.1f} s/row); wall this run {sec:.0f} s",
+        f"- KV reduction: pairs {red.pairs_before} -> {red.pairs_after} after dropping dominated pairs "
+        f"({red.pairs_after / max(len(red.kept), 1):.1f} of {red.pairs_before / max(len(red.kept), 1):.0f} per layer); "
+        f"{len(red.kept)} layers in **{len(red.clusters)} clusters**: "
+        + ", ".join("{" + ",".join(map(str, cl)) + "}" for cl in red.clusters),
+        "",
+        "| layer | pairs kept (Pareto: fewer bytes or less KL) | k2v2 KL | k4v4 KL | k8v8 KL |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    kv = {(r.layer, r.format): r.score for r in table.rows if r.kind == "kv"}
+    for layer, kept in sorted(red.kept.items()):
+        body.append(f"| {layer} | {', '.join(kept)} | {kv.get((layer, 'k2v2'), float('nan')):.2e} | "
+                    f"{kv.get((layer, 'k4v4'), float('nan')):.2e} | {kv.get((layer, 'k8v8'), float('nan')):.2e} |")
+    write_section("sensitivity-table", "\n".join(body))
+    print("\n".join(body))
+
+
+def part_methods(model, tok, args) -> None:
+    """Fisher vs measured weight scores on the same 30 mixed weight+KV plans: which proxy ranks plans better?
+
+    Measured weight rows for every unit are ~2 h on this CPU, so the comparison draws weights from the units
+    of every fifth layer (both methods score those) and KV pairs from every layer (measured; Fisher does not
+    score KV). Each plan's prediction is its summed weight scores (Fisher or measured) plus its measured KV scores.
+    """
+    from bitplan.sensitivity import additivity_check
+    from bitplan.sensitivity._measure import measured_scores
+
+    table, calib, _ = _main_table(model, tok, args)
+    graph = build_graph(model)
+    layers = set(range(2, graph.num_layers, 5))
+    units = {u.name for u in graph.units() if u.layer in layers}
+    path = OUT / f"sens-kl-layers-{Path(args.model).name}-{args.tokens}.parquet"
+    from bitplan.sensitivity import SensitivityTable
+    t = time.perf_counter()
+    if path.exists():
+        kl_rows = SensitivityTable.load(path).rows
+    else:
+        kl_rows = measured_scores(model, calib, Candidates(acts=(), kv=()), kinds=("weight",),
+                                  batch_size=args.batch_size, skip=lambda key: key[0] not in units)  # fmt: skip
+        SensitivityTable(kl_rows, table.meta).save(path)
+    kl_sec = time.perf_counter() - t
+    rows = [r for r in table.rows if r.kind == "kv" or (r.kind == "weight" and r.unit in units)] + list(kl_rows)
+    held = load_calib(tok, args.calib, args.heldout, args.window, skip_tokens=2 * args.tokens)
+    report = additivity_check(model, rows, held, n_plans=args.plans, seed=1, methods=("kl", "fisher"))
+    body = [
+        f"## Sensitivity: Fisher vs measured scores as the additive proxy on {Path(args.model).name} (weights + KV)",
+        "",
+        stamp().rstrip(),
+        f"- scores at {calib.tokens} calibration tokens: weights of the {len(units)} units of layers {sorted(layers)} "
+        f"by Fisher and by measured KL ({len(kl_rows)} measured rows, {kl_sec:.0f} s), KV pairs of all layers measured",
+        f"- {len(report.records)} random mixed plans (weights of those units and KV pairs of every layer; each plan's "
+        f"prediction = its summed weight scores + its summed KV scores); measured: KL of the applied plan on "
+        f"{report.tokens} held-out calibration tokens, {report.seconds:.0f} s",
+        "",
+        "| weight scores | Spearman rho | Pearson (logs) | rel. error median | sum/measured median |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| {m} | {st.spearman:.3f} | {st.pearson_log:.3f} | {st.median_rel_err:.2f} | {st.median_ratio:.2f} |"
+          for m, st in report.stats.items()],
+        "",
+        "| plan | avg weight bits | KV bytes/token | predicted (Fisher w) | predicted (measured w) | measured KL |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *[f"| {i} | {r.avg_bits:.2f} | {r.kv_bytes:.0f} | {r.predicted.get('fisher', float('nan')):.4f} | "
+          f"{r.predicted.get('kl', float('nan')):.4f} | {r.measured:.4f} |"
+          for i, r in enumerate(sorted(report.records, key=lambda r: r.measured))],
+    ]
+    write_section("sensitivity-methods", "\n".join(body))
+    print("\n".join(body))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -207,7 +316,8 @@ def main() -> None:
     args.model = args.model or default_model()
     model = bitplan.load_model(args.model, dtype=torch.float32)
     tok = bitplan.load_tokenizer(args.model)
-    parts = {"fisher": part_fisher, "overlap": part_overlap, "kvsplit": part_kvsplit, "additivity": part_additivity, "cost": part_cost}
+    parts = {"fisher": part_fisher, "overlap": part_overlap, "kvsplit": part_kvsplit, "additivity": part_additivity, "cost": part_cost,
+             "table": part_table, "methods": part_methods}
     for name in args.parts.split(","):
         parts[name](model, tok, args)
 

@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calib", metavar="FILE", help="calibration text (never the evaluation text)")
     sp.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     sp.add_argument("--window", type=int, default=512, help="tokens per calibration window (default 512; KV needs long ones)")
-    sp.add_argument("--method", choices=["fisher", "kl", "both"], default="both")
+    sp.add_argument("--method", choices=["auto", "fisher", "kl", "both"], default="auto",
+                    help="auto (default): Fisher for weights and acts, measured KL for KV pairs; kl: measure everything "
+                         "(hours on a CPU); both: Fisher and KL rows for weights and acts")
     sp.add_argument("--kinds", default="weight,act,kv", help="what to score (default weight,act,kv)")
     sp.add_argument("--weights", help="comma-separated weight options, e.g. w4g64a,w3g64a@hqq (default: a standard set)")
     sp.add_argument("--acts", help="comma-separated activation formats (default a8t,a4t)")

@@ -26,28 +26,39 @@ from bitplan.sensitivity._table import PartialStore, SensitivityTable, TableMeta
 
 __all__ = ["profile"]
 
-Method = Literal["fisher", "kl", "both"]
+Method = Literal["auto", "fisher", "kl", "both"]
 _log = logging.getLogger("bitplan")
 
 
-def _methods(method: str) -> list[str]:
-    if method not in ("fisher", "kl", "both"):
-        raise BitplanError(f"--method must be fisher, kl or both, got {method!r}")
-    return ["fisher", "kl"] if method == "both" else [method]
+def _methods_by_kind(method: str, kinds: Sequence[str]) -> dict[str, list[str]]:
+    """Which scoring methods fill which kind: Fisher does not score KV pairs, so KV is always measured.
+
+    ``auto`` (the default) is Fisher for weights and activations and measured KL for KV pairs: on the main
+    model Fisher sums rank whole plans as well as measured sums do at a fraction of the cost (the
+    evidence is in bench/RESULTS.md, sections sensitivity-additivity and sensitivity-methods).
+    """
+    table = {
+        "fisher": {"weight": ["fisher"], "act": ["fisher"], "kv": []},
+        "kl": {"weight": ["kl"], "act": ["kl"], "kv": ["kl"]},
+        "both": {"weight": ["fisher", "kl"], "act": ["fisher", "kl"], "kv": ["kl"]},
+        "auto": {"weight": ["fisher"], "act": ["fisher"], "kv": ["kl"]},
+    }
+    if method not in table:
+        raise BitplanError(f"--method must be auto, fisher, kl or both, got {method!r}")
+    return {k: table[method][k] for k in kinds}
 
 
-def _expected_keys(graph: Any, candidates: Candidates, kinds: Sequence[str], methods: Sequence[str], granularity: str) -> set[tuple[str, ...]]:
+def _expected_keys(graph: Any, candidates: Candidates, by_kind: dict[str, list[str]], granularity: str) -> set[tuple[str, ...]]:
     keys: set[tuple[str, ...]] = set()
-    for m in methods:
-        if "weight" in kinds:
-            for unit in graph.units(granularity):
-                for opt in candidates.weight_options(unit.in_features):
-                    keys.add((unit.name, "weight", str(opt.format), opt.method, m))
-        for info in graph.layers:
-            if "act" in kinds:
-                keys.update((f"layers.{info.index}.acts", "act", str(a), "", m) for a in candidates.acts)
-            if "kv" in kinds and m == "kl":  # KV pairs are measured (Fisher does not score them)
-                keys.update((f"layers.{info.index}.kv", "kv", str(k), "", m) for k in candidates.kv)
+    for m in by_kind.get("weight", []):
+        for unit in graph.units(granularity):
+            for opt in candidates.weight_options(unit.in_features):
+                keys.add((unit.name, "weight", str(opt.format), opt.method, m))
+    for info in graph.layers:
+        for m in by_kind.get("act", []):
+            keys.update((f"layers.{info.index}.acts", "act", str(a), "", m) for a in candidates.acts)
+        for m in by_kind.get("kv", []):
+            keys.update((f"layers.{info.index}.kv", "kv", str(k), "", m) for k in candidates.kv)
     return keys
 
 
@@ -56,7 +67,7 @@ def profile(
     calib: CalibData,
     candidates: Candidates | None = None,
     *,
-    method: Method = "both",
+    method: Method = "auto",
     kinds: Sequence[str] = ("weight", "act", "kv"),
     granularity: Literal["fused", "tensor"] = "fused",
     output: str | os.PathLike[str] | None = None,
@@ -75,10 +86,10 @@ def profile(
     from bitplan import __version__
 
     candidates = candidates or Candidates()
-    methods = _methods(method)
     bad = [k for k in kinds if k not in ("weight", "act", "kv")]
     if bad:
         raise BitplanError(f"unknown kind(s) {', '.join(bad)}; kinds are weight, act, kv")
+    by_kind = _methods_by_kind(method, kinds)
     graph = build_graph(model)
     meta = TableMeta(
         model_fingerprint=graph.fingerprint,
@@ -95,7 +106,7 @@ def profile(
         bitplan_version=__version__,
         created=_now(),
     )
-    wanted = _expected_keys(graph, candidates, kinds, methods, granularity)
+    wanted = _expected_keys(graph, candidates, by_kind, granularity)
 
     if output is not None and Path(output).exists():
         existing = SensitivityTable.load(output)
@@ -117,23 +128,24 @@ def profile(
             store.append(fresh)
 
     timings: dict[str, float] = {}
-    if "fisher" in methods:
+    fisher_kinds = tuple(k for k, ms in by_kind.items() if "fisher" in ms)
+    kl_kinds = tuple(k for k, ms in by_kind.items() if "kl" in ms)
+    if fisher_kinds:
         todo = {k for k in wanted if k[4] == "fisher"} - done
-        fisher_kinds = tuple(k for k in kinds if k in ("weight", "act"))
-        if todo and fisher_kinds:
+        if todo:
             from bitplan.sensitivity._fisher import fisher_scores
 
             t = time.perf_counter()
             keep(fisher_scores(model, calib, candidates, granularity=granularity, batch_size=batch_size, dtype=dtype, kinds=fisher_kinds, progress=progress))
             timings["fisher_seconds"] = time.perf_counter() - t
-    if "kl" in methods:
+    if kl_kinds:
         todo = {k for k in wanted if k[4] == "kl"} - done
         if todo:
             from bitplan.sensitivity._measure import measured_scores
 
             t = time.perf_counter()
             keep(measured_scores(
-                model, calib, candidates, kinds=tuple(kinds), granularity=granularity, batch_size=batch_size,
+                model, calib, candidates, kinds=kl_kinds, granularity=granularity, batch_size=batch_size,
                 dtype=dtype, skip=set(done), on_rows=keep, progress=progress,
             ))  # fmt: skip
             timings["kl_seconds"] = time.perf_counter() - t

@@ -52,6 +52,21 @@ def test_profile_both_methods_covers_everything(model: Any, calib: CalibData, tm
     assert not out.with_name(out.name + ".partial").exists()  # progress removed once the table is written
 
 
+
+def test_default_method_is_fisher_for_weights_and_acts_and_measured_kv(model: Any, calib: CalibData) -> None:
+    table = profile(model, calib, CANDIDATES, dtype=torch.float32, batch_size=1, progress=False)
+    graph = build_graph(model)
+    assert {(r.kind, r.method) for r in table.rows} == {("weight", "fisher"), ("act", "fisher"), ("kv", "kl")}
+    assert len(table.select("weight")) == 2 * len(graph.units())
+    assert len(table.select("kv")) == 2 * graph.num_layers
+
+
+def test_unknown_method_is_a_clear_error(model: Any, calib: CalibData) -> None:
+    from bitplan.errors import BitplanError
+
+    with pytest.raises(BitplanError, match="--method must be auto, fisher, kl or both"):
+        profile(model, calib, CANDIDATES, method="hessian", progress=False)  # type: ignore[arg-type]
+
 def test_same_inputs_reuse_the_table(model: Any, calib: CalibData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "sens.parquet"
     first = profile(model, calib, CANDIDATES, method="kl", kinds=("weight",), output=out, dtype=torch.float32, progress=False)
