@@ -254,7 +254,7 @@ def part_methods(model, tok, args) -> None:
     """Fisher vs measured weight scores on the same 30 mixed weight+KV plans: which proxy ranks plans better?
 
     Measured weight rows for every unit are ~2 h on this CPU, so the comparison draws weights from the units
-    of every fifth layer (both methods score those) and KV pairs from every layer (measured; Fisher does not
+    of every tenth layer (both methods score those) and KV pairs from every layer (measured; Fisher does not
     score KV). Each plan's prediction is its summed weight scores (Fisher or measured) plus its measured KV scores.
     """
     from bitplan.sensitivity import additivity_check
@@ -262,7 +262,7 @@ def part_methods(model, tok, args) -> None:
 
     table, calib, _ = _main_table(model, tok, args)
     graph = build_graph(model)
-    layers = set(range(2, graph.num_layers, 5))
+    layers = set(range(4, graph.num_layers, 10))
     units = {u.name for u in graph.units() if u.layer in layers}
     path = OUT / f"sens-kl-layers-{Path(args.model).name}-{args.tokens}.parquet"
     from bitplan.sensitivity import SensitivityTable

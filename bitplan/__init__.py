@@ -37,6 +37,11 @@ _EXPORTS = {
     "evaluate": "bitplan.eval",
     "EvalResult": "bitplan.eval",
     "kv_cache_for": "bitplan.kvcache",
+    "profile": "bitplan.sensitivity",
+    "SensitivityTable": "bitplan.sensitivity",
+    "search_plans": ("bitplan.search", "search"),
+    "Budgets": "bitplan.search",
+    "SearchConfig": "bitplan.search",
     "BitplanError": "bitplan.errors",
     "FormatError": "bitplan.errors",
     "PlanError": "bitplan.errors",
@@ -61,6 +66,11 @@ __all__ = [
     "apply_plan",
     "evaluate",
     "EvalResult",
+    "profile",
+    "SensitivityTable",
+    "search_plans",
+    "Budgets",
+    "SearchConfig",
     "kv_cache_for",
     "BitplanError",
     "FormatError",
@@ -94,3 +104,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from bitplan.kvcache import kv_cache_for
     from bitplan.loading import load_model, load_tokenizer
     from bitplan.plan import Plan, PlanSummary, UnitChoice, uniform_plan
+    from bitplan.search import Budgets, SearchConfig
+    from bitplan.search import search as search_plans
+    from bitplan.sensitivity import SensitivityTable, profile

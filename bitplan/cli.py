@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="Parquet table to write (resumes / reuses when it exists)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_sensitivity)
+    from bitplan._cli_search import add_search_parser
+
+    add_search_parser(sub)
     return p
 
 

@@ -20,13 +20,13 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
 from bitplan.errors import BitplanError
 from bitplan.formats import parse_act, parse_kv, parse_weight
-from bitplan.graph import ModelGraph
+from bitplan.graph import Granularity, ModelGraph
 from bitplan.plan import Plan, UnitChoice
 from bitplan.sensitivity import SensitivityTable
 from bitplan.sensitivity._additivity import mixed_plan
@@ -95,18 +95,21 @@ def _pick_method(table: SensitivityTable, kind: str, method: str | None) -> str:
     return "kl" if "kl" in have and kind == "kv" else ("fisher" if "fisher" in have else "kl")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchSpace:
     """Decisions over a model (see the module docstring); build with :meth:`from_table`."""
 
     graph: ModelGraph
     decisions: tuple[Decision, ...]
-    granularity: Literal["fused", "tensor"] = "fused"
+    granularity: Granularity = "fused"
     batch: int = 1
     context: int = 2048
     name_or_path: str = ""
     score_methods: dict[str, str] = field(default_factory=dict)
-    _arrays: dict[str, list[np.ndarray]] = field(default_factory=dict, repr=False)
+    _arrays: dict[str, list[np.ndarray]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:  # a fresh cache, also for dataclasses.replace(space, context=...)
+        object.__setattr__(self, "_arrays", {})
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -137,7 +140,7 @@ class SearchSpace:
         if batch < 1 or context < 1:
             raise BitplanError(f"--batch and --context must be at least 1, got {batch} and {context}")
         methods = {k: _pick_method(table, k, score_method if k != "kv" else None) for k in kinds}
-        gran = table.meta.granularity
+        gran = cast(Granularity, table.meta.granularity)
         scores: dict[tuple[str, str, str], float] = {}
         for r in table.rows:
             if r.kind in methods and r.method == methods[r.kind]:
@@ -194,14 +197,17 @@ class SearchSpace:
                         labels &= {lab for (k, un, lab) in scores if k == "kv" and un == f"layers.{i}.kv"}
                 opts = [Option("k16v16", 0.0, 0.0, len(layers) * parse_kv("k16v16").bytes_per_token(nkv, hd), 16.0)]
                 for label in labels:
-                    fmt = parse_kv(label)
+                    kvf = parse_kv(label)
                     s = sum(scores[("kv", f"layers.{i}.kv", label)] for i in layers)
-                    opts.append(Option(label, s, 0.0, len(layers) * fmt.bytes_per_token(nkv, hd), (fmt.k_bits + fmt.v_bits) / 2))
+                    opts.append(Option(label, s, 0.0, len(layers) * kvf.bytes_per_token(nkv, hd), (kvf.k_bits + kvf.v_bits) / 2))
                 opts[1:] = sorted(opts[1:], key=lambda o: (-o.kv_bytes_per_token, o.score, o.label))
                 name = f"layers.{_ranges(layers)}.kv"
                 decisions.append(Decision(name, "kv", tuple(layers), options=tuple(opts)))
+        # A decision with only its 16-bit option decides nothing: leave it out (it stays 16-bit in every plan,
+        # and the metrics count undecided units and layers at 16 bits).
+        decisions = [d for d in decisions if len(d.options) > 1]
         if not decisions:
-            raise BitplanError("the search space is empty: nothing to decide")
+            raise BitplanError("the search space is empty: the sensitivity table scores no option for these kinds")
         return cls(graph, tuple(decisions), gran, batch, context, name_or_path, methods)
 
     # -- vectors the proxy sums ---------------------------------------------------------------------

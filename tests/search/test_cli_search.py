@@ -1,0 +1,122 @@
+"""``bitplan search`` end to end on the tiny shared model: outputs, rerun, impossible budgets, SIGKILL + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bitplan.cli import main
+from bitplan.plan import Plan
+
+FAST = ["--tokens", "1024", "--window", "128", "--verify-tokens", "512", "--kv", "k8v8;k4v4;k4v2;k2v2",
+        "--weights", "w8g64a,w4g64a,w2g64a"]  # fmt: skip
+
+
+def _cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("bitplan")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "bitplan.cli"]
+
+
+@pytest.fixture(scope="module")
+def table(tiny_model_path: Path, wikitext_calib: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sensitivity table of the tiny model, made once through the first search (which profiles)."""
+    run = tmp_path_factory.mktemp("first")
+    code = main(["search", "--model", str(tiny_model_path), "--calib", str(wikitext_calib), *FAST,
+                 "--max-avg-bits", "6", "--trials", "60", "--verify-top", "2", "-o", str(run), "--json"])  # fmt: skip
+    assert code == 0
+    return run
+
+
+def test_search_writes_every_output(table: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    summary = json.loads((table / "summary.json").read_text())
+    assert summary["kind"] == "bitplan.search-summary" and summary["schema_version"] == 1
+    for name in ("sensitivity.parquet", "study.db", "trials.parquet", "best.json", "report.html"):
+        assert (table / name).is_file(), name
+    plans = sorted((table / "front").glob("plan-*.json"))
+    assert plans
+    best = Plan.load(table / "best.json")
+    assert best.summary().avg_weight_bits <= 6 + 1e-9
+    assert best.metadata["verification"]["kl"] is not None  # picked by the measured KL on held-out text
+    html = (table / "report.html").read_text()
+    assert "plotly" in html.lower() and "bytes-based estimate" in html
+
+
+def test_rerun_continues_instead_of_starting_over(table: Path, tiny_model_path: Path, wikitext_calib: Path) -> None:
+    db = table / "study.db"
+
+    def n_trials() -> int:
+        with sqlite3.connect(db) as con:
+            return int(con.execute("select count(*) from trials").fetchone()[0])
+
+    before = n_trials()
+    args = ["search", "--model", str(tiny_model_path), "--calib", str(wikitext_calib), *FAST, "--max-avg-bits", "6",
+            "--verify-top", "2", "-o", str(table), "--json"]  # fmt: skip
+    assert main([*args, "--trials", "60"]) == 0
+    assert n_trials() == before  # target reached already: nothing new
+    assert main([*args, "--trials", "80"]) == 0
+    assert n_trials() == 80
+
+
+def test_impossible_budget_is_one_line_with_the_smallest_achievable(
+    table: Path, tiny_model_path: Path, wikitext_calib: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    code = main(["search", "--model", str(tiny_model_path), "--calib", str(wikitext_calib), *FAST,
+                 "--table", str(table / "sensitivity.parquet"), "--max-avg-bits", "1.5", "-o", str(run)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--max-avg-bits 1.5 is infeasible" in err
+    assert "smallest average weight bits" in err
+    assert not (run / "best.json").exists() and not (run / "front").exists()
+
+
+@pytest.mark.parametrize("bad", [["--max-memory", "lots"], ["--max-latency=-1ms"], ["--max-kv-bits", "0"]])
+def test_bad_budgets_are_one_line(table: Path, tiny_model_path: Path, wikitext_calib: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str], bad: list[str]) -> None:  # fmt: skip
+    code = main(["search", "--model", str(tiny_model_path), "--calib", str(wikitext_calib),
+                 "--table", str(table / "sensitivity.parquet"), *bad, "-o", str(tmp_path / "r")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and bad[0].partition("=")[0] in err
+
+
+def test_sigkilled_search_resumes_to_the_target(table: Path, tiny_model_path: Path, wikitext_calib: Path, tmp_path: Path) -> None:
+    run = tmp_path / "killed"
+    argv = [*_cmd(), "search", "--model", str(tiny_model_path), "--calib", str(wikitext_calib), *FAST,
+            "--table", str(table / "sensitivity.parquet"), "--max-avg-bits", "6", "--trials", "400",
+            "--verify-top", "0", "-o", str(run), "--json"]  # fmt: skip
+    env: dict[str, Any] = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    db = run / "study.db"
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=1) as con:
+                    done = int(con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0])
+            except sqlite3.Error:
+                done = 0
+            if done >= 60:
+                break
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        pytest.skip("the search finished before it could be killed (machine too fast for this timing)")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert 0 < done < 400
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    with sqlite3.connect(db) as con:
+        states = dict(con.execute("select state, count(*) from trials group by state").fetchall())
+    finished = sum(n for s, n in states.items() if s in ("COMPLETE", "PRUNED", "FAIL"))
+    assert finished >= 400 and states.get("RUNNING", 0) == 0, states
+    assert json.loads(again.stdout)["trials_complete"] >= 400 - states.get("FAIL", 0)
