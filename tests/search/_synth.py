@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from bitplan.formats import parse_weight
-from bitplan.graph import ModelGraph
+from bitplan.formats import parse_kv, parse_weight
+from bitplan.graph import ModelGraph, build_graph
+from bitplan.search._space import Decision, Option, SearchSpace
 from bitplan.sensitivity import ScoreRow, SensitivityTable, TableMeta
 from bitplan.sensitivity._rows import ScoreMethod
 
@@ -48,3 +49,22 @@ def synth_table(
         graph.num_kv_heads, graph.head_dim,
     )  # fmt: skip
     return SensitivityTable(rows, meta).with_extra(**(extra or {}))
+
+
+def hand_space(model: Any) -> SearchSpace:
+    """Every fused unit: bf16 / w4g64a / w2g64a; every layer's KV: k16v16 / k4v4 (made-up scores)."""
+    graph = build_graph(model)
+    decisions = []
+    for u in graph.units("fused"):
+        opts = [Option("bf16", 0.0, 16.0 * u.numel, 0.0, 16.0)]
+        for j, w in enumerate(("w4g64a", "w2g64a")):
+            bits = float(parse_weight(w).storage_bits(u.out_features, u.in_features))
+            opts.append(Option(w, 0.01 * (j + 1), bits, 0.0, bits / u.numel))
+        decisions.append(
+            Decision(u.name, "weight", (int(u.layer or 0),), (u.name,), u.numel, u.in_features, tuple(opts))
+        )
+    for i in range(graph.num_layers):
+        per = [parse_kv(k).bytes_per_token(graph.num_kv_heads, graph.head_dim) for k in ("k16v16", "k4v4")]
+        kv_opts = (Option("k16v16", 0.0, 0.0, per[0], 16.0), Option("k4v4", 0.005, 0.0, per[1], 4.0))
+        decisions.append(Decision(f"layers.{i}.kv", "kv", (i,), options=kv_opts))
+    return SearchSpace(graph, tuple(decisions), "fused", 1, 256, "tiny-llama")

@@ -15,41 +15,22 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial
 
 from bitplan.errors import BitplanError
-from bitplan.formats import parse_kv, parse_weight
-from bitplan.graph import build_graph
 from bitplan.plan import Plan
 from bitplan.search._budgets import Budgets
 from bitplan.search._cost import BytesCostModel
 from bitplan.search._report import write_outputs
-from bitplan.search._space import Decision, Option, SearchSpace
+from bitplan.search._space import SearchSpace
 from bitplan.search._verify import Verified, record_verification
+
+from ._synth import hand_space
 
 MEMORY_LIMIT = 180_000.0  # bytes: everything but the all-16-bit plan fits
 EVIL = "<script>alert(1)</script>"
 
 
-def make_space(model: Any) -> SearchSpace:
-    """Every fused unit: bf16 / w4g64a / w2g64a; every layer's KV: k16v16 / k4v4 (made-up scores)."""
-    graph = build_graph(model)
-    decisions = []
-    for u in graph.units("fused"):
-        opts = [Option("bf16", 0.0, 16.0 * u.numel, 0.0, 16.0)]
-        for j, w in enumerate(("w4g64a", "w2g64a")):
-            bits = float(parse_weight(w).storage_bits(u.out_features, u.in_features))
-            opts.append(Option(w, 0.01 * (j + 1), bits, 0.0, bits / u.numel))
-        decisions.append(
-            Decision(u.name, "weight", (int(u.layer or 0),), (u.name,), u.numel, u.in_features, tuple(opts))
-        )
-    for i in range(graph.num_layers):
-        per = [parse_kv(k).bytes_per_token(graph.num_kv_heads, graph.head_dim) for k in ("k16v16", "k4v4")]
-        kv_opts = (Option("k16v16", 0.0, 0.0, per[0], 16.0), Option("k4v4", 0.005, 0.0, per[1], 4.0))
-        decisions.append(Decision(f"layers.{i}.kv", "kv", (i,), options=kv_opts))
-    return SearchSpace(graph, tuple(decisions), "fused", 1, 256, "tiny-llama")
-
-
 @pytest.fixture(scope="module")
 def space(make_random_lm: Callable[..., Any]) -> SearchSpace:
-    return make_space(make_random_lm("llama"))
+    return hand_space(make_random_lm("llama"))
 
 
 def add(

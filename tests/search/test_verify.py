@@ -15,9 +15,7 @@ from optuna.trial import FrozenTrial
 
 from bitplan.errors import BitplanError, DataError
 from bitplan.eval import evaluate
-from bitplan.formats import parse_kv, parse_weight
-from bitplan.graph import build_graph
-from bitplan.search._space import Decision, Option, SearchSpace
+from bitplan.search._space import SearchSpace
 from bitplan.search._study import is_feasible
 from bitplan.search._verify import (
     Verified,
@@ -29,27 +27,9 @@ from bitplan.search._verify import (
     with_verification,
 )
 
+from ._synth import hand_space
+
 WINDOW = 64
-WEIGHTS = ("w4g64a", "w2g64a")
-
-
-def make_space(model: Any) -> SearchSpace:
-    """Every fused unit: bf16 / w4g64a / w2g64a; every layer's KV: k16v16 / k4v4 (made-up scores)."""
-    graph = build_graph(model)
-    decisions = []
-    for u in graph.units("fused"):
-        opts = [Option("bf16", 0.0, 16.0 * u.numel, 0.0, 16.0)]
-        for j, w in enumerate(WEIGHTS):
-            bits = float(parse_weight(w).storage_bits(u.out_features, u.in_features))
-            opts.append(Option(w, 0.01 * (j + 1), bits, 0.0, bits / u.numel))
-        decisions.append(
-            Decision(u.name, "weight", (int(u.layer or 0),), (u.name,), u.numel, u.in_features, tuple(opts))
-        )
-    for i in range(graph.num_layers):
-        per = [parse_kv(k).bytes_per_token(graph.num_kv_heads, graph.head_dim) for k in ("k16v16", "k4v4")]
-        kv_opts = (Option("k16v16", 0.0, 0.0, per[0], 16.0), Option("k4v4", 0.005, 0.0, per[1], 4.0))
-        decisions.append(Decision(f"layers.{i}.kv", "kv", (i,), options=kv_opts))
-    return SearchSpace(graph, tuple(decisions), "fused", 1, 256, "tiny-llama")
 
 
 def uniform_params(space: SearchSpace, weight: str, kv: str = "k16v16") -> dict[str, str]:
@@ -74,7 +54,7 @@ def trial(
 @pytest.fixture(scope="module")
 def setup(make_random_lm: Callable[..., Any]) -> dict[str, Any]:
     model = make_random_lm("llama")
-    space = make_space(model)
+    space = hand_space(model)
     tokens = torch.randint(0, 256, (2 * WINDOW,), generator=torch.Generator().manual_seed(0))
     return {"model": model, "space": space, "tokens": tokens}
 
