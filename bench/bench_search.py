@@ -68,8 +68,16 @@ class _Eval:
         return out
 
 
+def _searched(model, table, verify, args, name: str, budgets: Budgets, kinds: tuple[str, ...]):
+    """One search run (its own directory under bench/out/, continued on rerun) and its picked plan."""
+    cfg = SearchConfig(budgets=budgets, trials=args.trials, kinds=kinds, verify_k=args.verify_top)
+    res = search(model, table, OUT / name, cfg, verify_tokens=verify, window=args.window, name_or_path=args.model)
+    return res, bitplan.Plan.load(res.best_plan)
+
+
 def part_weights(model, tok, args) -> None:
     table = _table(model, tok, args)
+    verify = default_verify_tokens(tok, args.calib, table.meta.tokens, args.verify_tokens, args.window)
     ev = _Eval(model, tok, args)
     base_ppl = ev(bitplan.uniform_plan(model, "bf16"), "bf16")[0]
     uniform = {}
@@ -79,11 +87,7 @@ def part_weights(model, tok, args) -> None:
     rows, costs = [], []
     for bits in args.bits:
         t = time.perf_counter()
-        res = search(model, table, OUT / f"search-w{bits:g}", SearchConfig(
-            budgets=Budgets(max_avg_bits=bits), trials=args.trials, kinds=("weight",), verify_k=args.verify_top),
-            verify_tokens=default_verify_tokens(tok, args.calib, table.meta.tokens, args.verify_tokens, args.window),
-            window=args.window, name_or_path=args.model)  # fmt: skip
-        plan = bitplan.Plan.load(res.best_plan)
+        res, plan = _searched(model, table, verify, args, f"search-w{bits:g}", Budgets(max_avg_bits=bits), ("weight",))
         ppl, kl = ev(plan)
         fits = {w: u for w, u in uniform.items() if u[0] <= bits + 1e-9}
         best_uniform = min(fits.items(), key=lambda kv: kv[1][1]) if fits else None
@@ -123,16 +127,13 @@ def part_weights(model, tok, args) -> None:
 
 def part_kv(model, tok, args) -> None:
     table = _table(model, tok, args)
+    verify = default_verify_tokens(tok, args.calib, table.meta.tokens, args.verify_tokens, args.window)
     ev = _Eval(model, tok, args)
     base_ppl = ev(bitplan.uniform_plan(model, "bf16"), "bf16")[0]
     uniform = {k: ev(bitplan.uniform_plan(model, "bf16", kv=k, name_or_path=args.model), k) for k in UNIFORM_KV}
     rows = []
     for bits in args.kv_bits:
-        res = search(model, table, OUT / f"search-kv{bits:g}", SearchConfig(
-            budgets=Budgets(max_kv_bits=bits), trials=args.trials, kinds=("kv",), verify_k=args.verify_top, prune_kv=True),
-            verify_tokens=default_verify_tokens(tok, args.calib, table.meta.tokens, args.verify_tokens, args.window),
-            window=args.window, name_or_path=args.model)  # fmt: skip
-        plan = bitplan.Plan.load(res.best_plan)
+        _, plan = _searched(model, table, verify, args, f"search-kv{bits:g}", Budgets(max_kv_bits=bits), ("kv",))
         ppl, kl = ev(plan)
         kv_bits = sum((f.k_bits + f.v_bits) / 2 for f in plan.kv_formats()) / len(plan.layers)
         rows.append((bits, kv_bits, ppl, kl, plan.summary().kv_formats))
