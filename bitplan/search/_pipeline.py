@@ -87,8 +87,7 @@ def run_pipeline(inputs: PipelineInputs, config: SearchConfig, run_dir: str | Pa
     if inputs.eval_data and result.best_plan is not None:
         t = time.perf_counter()
         result.summary["eval"] = _final_eval(model, result, inputs, tok)
-        stages["eval"] = time.perf_counter() - t
-        result.stage_seconds["eval"] = stages["eval"]
+        result.stage_seconds["eval"] = time.perf_counter() - t
     result.summary["stage_seconds"] = result.stage_seconds
     result.summary["sensitivity"] = {"table": str(inputs.table or run_dir / "sensitivity.parquet"),
                                      "tokens": table.meta.tokens, "rows": len(table)}  # fmt: skip

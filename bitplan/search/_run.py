@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,7 +163,7 @@ def seed_improvement(study: optuna.Study) -> dict[str, Any]:
 
 
 def search(
-    model: nn.Module | None,
+    model: nn.Module,
     table: SensitivityTable,
     run_dir: str | Path,
     config: SearchConfig | None = None,
@@ -176,7 +176,7 @@ def search(
 ) -> SearchResult:
     """Search ``table``'s space under ``config.budgets``; verify the front on ``model`` with ``verify_tokens``.
 
-    ``model`` may be ``None`` (or ``verify_tokens`` ``None``, or ``verify_k`` 0) to skip verification:
+    The model's graph names the decisions. ``verify_tokens`` ``None`` (or ``verify_k`` 0) skips verification:
     the front is then ranked by the proxy alone, which the report says.
     """
     from bitplan.search._knapsack import check_feasible, seed_choices
@@ -188,9 +188,7 @@ def search(
     run_dir.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     t = time.perf_counter()
-    graph = build_graph(model) if model is not None else None
-    if graph is None:
-        raise BitplanError("search needs the model (its graph names the decisions)")
+    graph = build_graph(model)
     space = SearchSpace.from_table(
         table, graph, kinds=config.kinds, weights=config.weights, acts=config.acts, kv=config.kv,
         prune_kv=config.prune_kv, tie_clusters=config.tie_clusters, score_method=config.score_method,
@@ -219,7 +217,7 @@ def search(
         raise BitplanError("no feasible plan was found: loosen the budgets or run more --trials")
     t = time.perf_counter()
     agreement: dict[str, Any] = {}
-    if model is not None and verify_tokens is not None and config.verify_k > 0:
+    if verify_tokens is not None and config.verify_k > 0:
         from bitplan.search._verify import (
             pick_for_verification,
             rank_agreement,
@@ -256,6 +254,3 @@ def search(
     best_path = Path(summary["best"]) if summary.get("best") else None
     return SearchResult(run_dir, space, pareto, best, best_path, summary, stages)
 
-
-def _labels_or_none(items: Sequence[str] | None) -> tuple[str, ...] | None:
-    return tuple(items) if items else None
