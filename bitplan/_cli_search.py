@@ -65,6 +65,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     import optuna
 
     from bitplan.search import Budgets, PipelineInputs, SearchConfig, run_pipeline
+    from bitplan.sensitivity import Candidates
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own bar and summary say what happens
 
@@ -72,7 +73,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise BitplanError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     budgets = Budgets.parse(args.max_avg_bits, args.max_memory, args.max_kv_bits, args.max_latency)
-    kv = None if args.kv is None else (tuple(args.kv.split(";")) if not args.kv.replace(",", "").isdigit() else (args.kv,))
+    # a bit set ("2,4,8") or formats ("k4v2;k8v4"), expanded as the profiler does: the space filters on formats
+    kv = None if args.kv is None else tuple(str(k) for k in Candidates.parse([], [], args.kv.split(";")).kv)
     config = SearchConfig(
         budgets=budgets, trials=args.trials, timeout=args.timeout, seed=args.seed, sampler=args.sampler,
         workers=args.workers, storage=args.storage, study_name=args.study_name, batch=args.batch,

@@ -120,3 +120,14 @@ def test_sigkilled_search_resumes_to_the_target(table: Path, tiny_model_path: Pa
     finished = sum(n for s, n in states.items() if s in ("COMPLETE", "PRUNED", "FAIL"))
     assert finished >= 400 and states.get("RUNNING", 0) == 0, states
     assert json.loads(again.stdout)["trials_complete"] >= 400 - states.get("FAIL", 0)
+
+
+def test_kv_bit_set_is_expanded_like_the_profiler_does(tiny_model_path: Path, wikitext_calib: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    run = tmp_path / "bits"
+    code = main(["search", "--model", str(tiny_model_path), "--calib", str(wikitext_calib), "--tokens", "512",
+                 "--window", "128", "--verify-tokens", "256", "--weights", "w4g64a", "--kv", "2,4", "--kinds", "weight,kv",
+                 "--max-kv-bits", "3.5", "--trials", "12", "--verify-top", "0", "-o", str(run), "--json"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    kv = {str(f) for f in Plan.load(run / "best.json").kv_formats()}
+    assert kv <= {"k2v2", "k2v4", "k4v2", "k4v4", "k16v16"}
