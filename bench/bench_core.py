@@ -137,7 +137,7 @@ def main() -> None:
         model = copy.deepcopy(base)
         t = time.perf_counter()
         plan = bitplan.uniform_plan(model, row.weights, row.acts, row.kv, method=row.method, name_or_path=args.model)
-        bitplan.apply_plan(model, plan)
+        bitplan.apply_plan(model, plan, kernels="reference")
         r = bitplan.evaluate(model, tokens=tokens, window=args.window, reference=reference, batch_size=args.batch_size, desc=row.label)
         s = plan.summary()
         results[row.label] = {

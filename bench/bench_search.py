@@ -60,7 +60,7 @@ class _Eval:
     def __call__(self, plan: bitplan.Plan, key: str | None = None) -> tuple[float, float]:
         if key is not None and key in self.cache:
             return self.cache[key]
-        q = bitplan.apply_plan(copy.deepcopy(self.model), plan)
+        q = bitplan.apply_plan(copy.deepcopy(self.model), plan, kernels="reference")
         r = bitplan.evaluate(q, tokens=self.ids, max_tokens=self.ids.numel(), window=self.window, reference=self.ref, progress=False)
         out = (r.ppl, float(r.kl or 0.0))
         if key is not None:

@@ -1,13 +1,17 @@
 """Apply a plan to a model: quantize every decision unit, its input activations and the KV cache.
 
-Weights are really packed (codes + scales + offsets, see ``bitplan.quantizers``) and run through a
-module that dequantizes then multiplies; the kernels issue adds faster kernels behind the same module.
-The swap happens one linear at a time, so the extra memory is one unit's float copy, never the model's.
+Weights are really packed (codes + scales + offsets, see ``bitplan.quantizers``), then re-laid for the
+kernel chosen per unit (``bitplan.kernels``): ``kernels="auto"`` takes the fastest kernel on the model's
+device that holds the plan's bytes. Quality measurements (sensitivity, verification) pass
+``kernels="reference"``: they score the *format* in the model's own precision, free of the bf16 rounding a
+fast CPU kernel adds. The swap happens one linear at a time, so the extra memory is one unit's float copy,
+never the model's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,15 +22,30 @@ from bitplan.formats import ActFormat
 from bitplan.graph import build_graph
 from bitplan.plan import Plan
 
-__all__ = ["apply_plan", "held_weight_bytes"]
+if TYPE_CHECKING:
+    from bitplan.kernels._base import LatencyFn
+
+__all__ = ["apply_plan", "held_weight_bytes", "kernel_counts"]
 
 
-def apply_plan(model: nn.Module, plan: Plan, *, progress: bool = False, calib: Any = None) -> nn.Module:
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    kernels: str = "auto",
+    latency: LatencyFn | None = None,
+    progress: bool = False,
+    calib: Any = None,
+) -> nn.Module:
     """Quantize ``model`` in place as ``plan`` says and return it.
 
+    ``kernels``: ``auto`` (fastest kernel holding the plan's bytes), ``fastest``, ``reference``, or one
+    kernel's name (see :func:`bitplan.kernels.choose_kernel`); ``latency`` ranks kernels by measurement.
+    Each ``QuantLinear`` records its kernel in ``.kernel``; :func:`kernel_counts` sums them up.
     ``calib`` is reserved for calibrated methods (GPTQ, AWQ); calibration-free methods ignore it and a
     method that needs it fails clearly when it is missing.
     """
+    from bitplan.kernels import choose_kernel
     from bitplan.kvcache import install_kv_plan
     from bitplan.quantizers import QuantLinear, get_weight_quantizer
 
@@ -52,6 +71,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, progress: bool = False, calib: A
             module = model.get_submodule(member.path)
             with torch.no_grad():
                 qmod = QuantLinear.from_float(module, choice.format, act, method=choice.method)
+                device = next(iter(qmod.buffers())).device
+                qmod.set_kernel(choose_kernel(qmod.spec, device, kernels, latency))
             model.set_submodule(member.path, qmod)
     if "lm_head" in plan.extra and graph.tied_embeddings:
         model.config.tie_word_embeddings = False  # type: ignore[union-attr]  # the head now has its own packed weight
@@ -59,6 +80,13 @@ def apply_plan(model: nn.Module, plan: Plan, *, progress: bool = False, calib: A
         install_kv_plan(model, plan.kv_formats())
     model.bitplan_plan = plan  # type: ignore[assignment]
     return model
+
+
+def kernel_counts(model: nn.Module) -> dict[str, int]:
+    """How many packed linears run each kernel, e.g. ``{"int4pack": 210, "reference": 1}``."""
+    from bitplan.quantizers import QuantLinear
+
+    return dict(Counter(m.kernel for m in model.modules() if isinstance(m, QuantLinear)))
 
 
 def held_weight_bytes(model: nn.Module, float_bytes: int | None = None) -> int:
@@ -73,7 +101,7 @@ def held_weight_bytes(model: nn.Module, float_bytes: int | None = None) -> int:
     packed: set[int] = set()
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
-            packed.update(id(t) for n, t in mod.named_buffers(recurse=False) if n in ("codes", "scales", "offsets"))
+            packed.update(id(t) for n, t in mod.named_buffers(recurse=False) if n in ("codes", "scales", "offsets") or n.startswith("k_"))
     seen: set[tuple[int, int]] = set()
     total = 0
     for t in [*model.parameters(), *model.buffers()]:

@@ -94,7 +94,7 @@ def cmd_plan_show(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from bitplan.apply import apply_plan, held_weight_bytes
+    from bitplan.apply import apply_plan, held_weight_bytes, kernel_counts
     from bitplan.eval import evaluate
     from bitplan.plan import Plan
 
@@ -102,7 +102,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)  # fail on a bad plan before spending time on the model
     model = _load(args)
     t_load = time.perf_counter()
-    apply_plan(model, plan, progress=not args.json)
+    apply_plan(model, plan, kernels=args.kernels, progress=not args.json)
     t_apply = time.perf_counter()
     plan = model.bitplan_plan
     s = plan.summary()
@@ -114,6 +114,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         "planned_weight_bytes": s.weight_bytes,
         "avg_weight_bits": round(s.avg_weight_bits, 4),
         "kv_bytes_per_token": s.kv_bytes_per_token,
+        "kernels": kernel_counts(model),
     }
     if args.eval:
         reference = None if args.no_kl else _load(args)
@@ -127,6 +128,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     else:
         print(f"applied {args.plan}: {s}")
         print(f"held weight bytes (16-bit for unpacked tensors): {out['weight_bytes'] / 1e6:.2f} MB (plan: {s.weight_bytes / 1e6:.2f} MB)")
+        print("kernels: " + ", ".join(f"{k} x{n}" for k, n in sorted(out["kernels"].items())))
         if args.eval:
             kl = "n/a" if out["kl"] is None else f"{out['kl']:.4f}"
             print(f"ppl {out['ppl']:.3f}  KL {kl}  over {out['tokens']} tokens  ({out['seconds']:.1f} s)")
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-tokens", type=int, default=32768, help="tokens of --eval to use (default 32768)")
     sp.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
     sp.add_argument("--no-kl", action="store_true", help="skip KL against the unquantized model (saves a second model)")
+    sp.add_argument("--kernels", default="auto", metavar="POLICY",
+                    help="auto (fastest kernel holding the plan's bytes, default), fastest, reference, or a kernel name")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_apply)
 

@@ -46,7 +46,10 @@ def test_plan_uniform_show_apply(model_dir: Path, tmp_path: Path, capsys: pytest
     data = json.loads(out)  # exactly one JSON object on stdout
     assert code == 0 and data["avg_weight_bits"] == 4.5 and data["ppl"] is None
     assert abs(data["weight_bytes"] - data["planned_weight_bytes"]) <= 0.01 * data["planned_weight_bytes"]
-    assert set(data) >= {"ppl", "kl", "tokens", "weight_bytes", "avg_weight_bits", "kv_bytes_per_token", "seconds"}
+    assert set(data) >= {"ppl", "kl", "tokens", "weight_bytes", "avg_weight_bits", "kv_bytes_per_token", "seconds", "kernels"}
+    assert sum(data["kernels"].values()) > 0  # every packed linear names the kernel it runs
+    code, out, _ = run(capsys, "apply", "--model", str(model_dir), "--plan", str(plan), "--kernels", "reference", "--json")
+    assert code == 0 and set(json.loads(out)["kernels"]) == {"reference"}
 
 
 def test_apply_with_eval_on_tiny_model(tiny_model_path: Path, wikitext_test: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

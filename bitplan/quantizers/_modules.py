@@ -6,15 +6,17 @@ Their dtypes are part of the format, not of the model's compute dtype: ``model.t
 would otherwise silently cast the fp16 scales (a lossy change that breaks the exact byte accounting),
 so ``_apply`` keeps each storage buffer's dtype and lets only its device change.
 
-``QuantLinear.forward`` is the *reference kernel*: fake-quantize the input per token, dequantize the
-whole weight to the input's dtype, ``F.linear``. Fast kernels plug in behind the same module later
-(``kernel`` names the one in use). ``QuantEmbedding`` gathers the packed rows of the requested ids and
+``QuantLinear.forward`` fake-quantizes the input per token (unless its kernel quantizes activations
+itself) and hands the multiply to a kernel from :mod:`bitplan.kernels`, named by ``kernel``. A new module
+runs the ``reference`` kernel on the canonical buffers (dequantize, ``F.linear``); :meth:`QuantLinear.set_kernel`
+re-lays the weight for a faster kernel and releases the canonical buffers, so the module holds one copy. ``QuantEmbedding`` gathers the packed rows of the requested ids and
 dequantizes only those, so a lookup never materialises the full float table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +34,13 @@ from bitplan.quantizers._base import (
 )
 from bitplan.quantizers.packing import packed_numel, unpack_bits
 
+if TYPE_CHECKING:
+    from bitplan.kernels import Kernel, LinearSpec, Prepared
+
 __all__ = ["QuantEmbedding", "QuantLinear"]
 
 _STORAGE = ("codes", "scales", "offsets", "weight")
+_KERNEL_PREFIX = "k_"  # buffers of a kernel's prepared layout: k_<name>
 _FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -93,28 +99,37 @@ class _PackedStorage(nn.Module):
         else:
             self.weight = qw.detach().to(self.weight.dtype).contiguous()
 
+    def _check_canonical(self) -> None:
+        if self._buffers.get("codes" if self.weight_format.is_quantized else "weight") is None:
+            raise FormatError(
+                f"this {self.weight_format} weight is held in kernel {getattr(self, 'kernel', '?')!r}'s layout; "
+                "its canonical buffers were released (apply with kernels='reference' to keep them)"
+            )
+
     @property
     def quantized_weight(self) -> QuantizedWeight:
         """The packed weight as a :class:`QuantizedWeight` (sharing the buffers)."""
         if not self.weight_format.is_quantized:
             raise FormatError(f"{self.weight_format} weights are not quantized")
+        self._check_canonical()
         return QuantizedWeight(
             self.weight_format, self._shape, self.codes, self.scales, self.offsets, self.method
         )
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if not self.weight_format.is_quantized:
+            self._check_canonical()
             return self.weight.to(dtype)
         return self.quantized_weight.dequantize(dtype)
 
     @property
     def packed_nbytes(self) -> int:
         """Bytes of the stored weight (codes + scales + offsets), ``== fmt.storage_bits(rows, cols) // 8``."""
-        bufs = [getattr(self, n, None) for n in _STORAGE]
+        bufs = [t for n, t in self._buffers.items() if _is_storage(n)]
         return sum(t.numel() * t.element_size() for t in bufs if isinstance(t, torch.Tensor))
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:  # type: ignore[override]
-        before = {n: b for n in _STORAGE if (b := self._buffers.get(n)) is not None}
+        before = {n: b for n, b in self._buffers.items() if b is not None and _is_storage(n)}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
@@ -180,17 +195,75 @@ class QuantLinear(_PackedStorage):
             q.bias.data.copy_(bias.detach())
         return q
 
+    @property
+    def spec(self) -> LinearSpec:
+        from bitplan.kernels import LinearSpec
+
+        return LinearSpec(self.weight_format, self.act_format, self.out_features, self.in_features)
+
+    def set_kernel(self, kernel: str | Kernel) -> QuantLinear:
+        """Re-lay the weight for ``kernel`` (a name or instance) and compute with it from now on.
+
+        Any kernel other than ``reference`` releases the canonical buffers: the module then holds only
+        the kernel's layout (``packed_nbytes`` counts it). Needs the canonical buffers, so it runs once.
+        """
+        from bitplan.kernels import get_kernel
+
+        k = get_kernel(kernel) if isinstance(kernel, str) else kernel
+        if k.name == self.kernel:
+            return self
+        self._check_canonical()
+        source = self.quantized_weight if self.weight_format.is_quantized else self.weight
+        device = source.codes.device if isinstance(source, QuantizedWeight) else source.device
+        if device.type not in k.device_kinds or not k.supports(self.weight_format, device, self._shape, self.act_format):
+            raise FormatError(f"kernel {k.name!r} cannot run {self.spec} on {device.type}")
+        prepared = k.prepare(source, self.spec)
+        for name in [n for n in self._buffers if n.startswith(_KERNEL_PREFIX)]:
+            del self._buffers[name]
+        if k.name == "reference":
+            self._kernel_buffers = {t: t for t in prepared.tensors}
+        else:
+            for name in _STORAGE:
+                if name in self._buffers:
+                    self._buffers[name] = None
+            self._kernel_buffers = {t: _KERNEL_PREFIX + t for t in prepared.tensors}
+            for t, buf in self._kernel_buffers.items():
+                self.register_buffer(buf, prepared.tensors[t])
+        self._kernel_meta = dict(prepared.meta)
+        self._kernel_obj = k
+        self.kernel = k.name
+        return self
+
+    def prepared(self) -> Prepared:
+        """The weight in the current kernel's layout (the module's live buffers, after any ``.to()``)."""
+        from bitplan.kernels import Prepared
+
+        names = getattr(self, "_kernel_buffers", None)
+        if names is None:  # a new module: the reference kernel on the canonical buffers
+            names = {n: n for n in _STORAGE if self._buffers.get(n) is not None}
+        tensors = {t: self._buffers[b] for t, b in names.items()}
+        return Prepared(self.kernel, self.spec, tensors, getattr(self, "_kernel_meta", {}))  # type: ignore[arg-type]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = fake_quantize_act(x, self.act_format)
-        w = self.dequantize_weight(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w, b)
+        kernel = getattr(self, "_kernel_obj", None)
+        if kernel is None:
+            from bitplan.kernels import get_kernel
+
+            kernel = self._kernel_obj = get_kernel(self.kernel)
+        if not kernel.quantizes_acts:
+            x = fake_quantize_act(x, self.act_format)
+        y = kernel.matmul(x, self.prepared())
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"weight={self.weight_format}, method={self.method}, act={self.act_format}, kernel={self.kernel}"
         )
+
+
+def _is_storage(name: str) -> bool:
+    return name in _STORAGE or name.startswith(_KERNEL_PREFIX)
 
 
 def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -107,7 +107,7 @@ def _final_eval(model: Any, result: SearchResult, inputs: PipelineInputs, tok: A
     ref = ReferenceLogProbs(model, ids, inputs.window, progress=False)
     base = evaluate(model, tokens=ids, max_tokens=ids.numel(), window=inputs.window, reference=ref, progress=False)
     plan = Plan.load(result.best_plan)
-    q = apply_plan(copy.deepcopy(model), plan)
+    q = apply_plan(copy.deepcopy(model), plan, kernels="reference")
     with torch.no_grad():
         r = evaluate(q, tokens=ids, max_tokens=ids.numel(), window=inputs.window, reference=ref, progress=False)
     return {"file": str(inputs.eval_data), "tokens": r.tokens, "ppl": r.ppl, "kl": r.kl, "ppl_16bit": base.ppl,

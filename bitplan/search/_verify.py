@@ -140,7 +140,7 @@ def verify(
     for t, index in zip(tqdm(trials, desc="verify", unit="plan", disable=not progress), indexes, strict=True):
         start = time.perf_counter()
         plan = space.to_plan(index, {"trial": t.number})
-        qmodel = apply_plan(copy.deepcopy(model), plan)
+        qmodel = apply_plan(copy.deepcopy(model), plan, kernels="reference")
         res = evaluate(qmodel, tokens=tokens, max_tokens=tokens.numel(), window=window, reference=ref,
                        progress=False, desc=f"trial {t.number}")  # fmt: skip
         del qmodel

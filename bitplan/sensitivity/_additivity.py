@@ -335,7 +335,7 @@ def additivity_check(
     for i, plan in enumerate(tqdm(plans, desc="additivity", unit="plan", disable=not progress)):
         t0 = time.perf_counter()
         pred = {m: predicted_kl(plan, indexes[m], m) for m in present}
-        qmodel = apply_plan(copy.deepcopy(model), plan)
+        qmodel = apply_plan(copy.deepcopy(model), plan, kernels="reference")
         res = evaluate(qmodel, tokens=tokens, max_tokens=tokens.numel(), window=window, reference=ref,
                        progress=False)  # fmt: skip
         del qmodel
