@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere: its jit reads this at decoration
-
 import subprocess
 import sys
 
@@ -19,6 +16,13 @@ from bitplan.kvcache import MixedKVLayer
 
 BITS = [(2, 2), (4, 2), (2, 4), (4, 4), (8, 4), (8, 8), (16, 4), (4, 16), (16, 16), (3, 3), (3, 8)]
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # relative L2 error vs fp32 reference
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's CPU interpreter, for these tests only (triton.jit reads it when the kernel module is first
+    imported, which bitplan does lazily inside the first call; leaking it would let other tests pick Triton)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
