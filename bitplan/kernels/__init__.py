@@ -8,7 +8,7 @@
 Importing this package never imports Triton or probes a GPU: GPU kernels import Triton when first used.
 """
 
-from bitplan.kernels import _gpu, _reference  # noqa: F401  (importing registers the kernels; _gpu never imports triton)
+from bitplan.kernels import _cpu, _gpu, _reference  # noqa: F401  (importing registers the kernels; _gpu never imports triton)
 from bitplan.kernels._base import (
     KERNELS,
     Kernel,
