@@ -34,7 +34,7 @@ def setup() -> dict[str, Any]:
     ref = ReferenceLogProbs(model, tokens, 64, progress=False)
 
     def kl(plan: Any) -> float:
-        q = apply_plan(copy.deepcopy(model), plan)
+        q = apply_plan(copy.deepcopy(model), plan, kernels="reference")  # the format, not a kernel's rounding
         return float(evaluate(q, tokens=tokens, window=64, reference=ref, progress=False).kl)
 
     rows = []
