@@ -21,24 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Only builtins and tl.reduce are used -- no tl.zeros / tl.max / tl.sum, which are jit functions of
-# triton.language.standard: under TRITON_INTERPRET=1 those only run when the variable was set before triton was
-# first imported, and transformers imports triton early (via torch._dynamo). The combine functions are
-# standard's own when present (what tl.max / tl.sum reduce with, and what the interpreter runs vectorised).
-
-
-@triton.jit
-def _max_op(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _add_op(a, b):
-    return a + b
-
-
-_MAX = getattr(tl.standard, "_elementwise_max", _max_op)
-_ADD = getattr(tl.standard, "_sum_combine", _add_op)
+from bitplan.kernels._triton_ops import ADD as _ADD  # tl.reduce combine functions; why: see _triton_ops
+from bitplan.kernels._triton_ops import MAX as _MAX
 
 
 @triton.jit

@@ -34,29 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
+from bitplan.kernels._triton_ops import ADD as _ADD  # tl.reduce combine functions; why: see _triton_ops
+from bitplan.kernels._triton_ops import MAX as _MAX
+
 __all__ = ["INTERPRET", "m_bucket", "quantize_act", "w8a8_matmul", "wa16_matmul"]
 
 # as triton.jit saw it when this module was imported: the kernels below are interpreted iff this is True
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# The kernels use builtins and tl.reduce only -- no tl.zeros / tl.cdiv / tl.sum / tl.max, which are jit
-# functions of triton.language.standard: under TRITON_INTERPRET=1 those only run when the variable was set
-# before triton was first imported, and transformers imports triton early (through torch._dynamo). The
-# combine functions are standard's own when present (the interpreter runs those vectorised).
-
-
-@triton.jit
-def _max_op(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _add_op(a, b):
-    return a + b
-
-
-_MAX = getattr(tl.standard, "_elementwise_max", _max_op)
-_ADD = getattr(tl.standard, "_sum_combine", _add_op)
 
 
 def m_bucket(m: int) -> int:
