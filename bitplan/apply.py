@@ -97,11 +97,12 @@ def held_weight_bytes(model: nn.Module, float_bytes: int | None = None) -> int:
     when it runs in fp32 on a CPU.
     """
     from bitplan.quantizers import QuantLinear
+    from bitplan.quantizers._modules import is_packed_buffer
 
     packed: set[int] = set()
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
-            packed.update(id(t) for n, t in mod.named_buffers(recurse=False) if n in ("codes", "scales", "offsets") or n.startswith("k_"))
+            packed.update(id(t) for n, t in mod.named_buffers(recurse=False) if is_packed_buffer(n))
     seen: set[tuple[int, int]] = set()
     total = 0
     for t in [*model.parameters(), *model.buffers()]:

@@ -266,6 +266,11 @@ def _is_storage(name: str) -> bool:
     return name in _STORAGE or name.startswith(_KERNEL_PREFIX)
 
 
+def is_packed_buffer(name: str) -> bool:
+    """A buffer of quantization data (canonical codes/scales/offsets or a kernel's layout), not a float weight."""
+    return name != "weight" and _is_storage(name)
+
+
 def _linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight [out, in], bias)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
     if isinstance(module, nn.Linear):
