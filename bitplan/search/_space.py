@@ -147,15 +147,24 @@ class SearchSpace:
                 label = _weight_label(r.format, r.quantizer) if r.kind == "weight" else r.format
                 scores[(r.kind, r.unit, label)] = max(0.0, r.score)
         keep = {"weight": _labels(weights, "weight"), "act": _labels(acts, "act"), "kv": _labels(kv, "kv")}
+        # A weight option is fitted to each unit as the profiler fitted it (w3g128a is scored as w3g96a on
+        # 576-wide units), so the filter is fitted per unit too.
+        units = graph.units(gran) if "weight" in kinds else []
+        fitted_keep = {u.in_features: {_fit_label(w, u.in_features) for w in keep["weight"]} for u in units}
         for kind, wanted in keep.items():
             if wanted and kind in kinds:
-                have = {lab for (k, _, lab) in scores if k == kind}
+                if kind == "weight":
+                    have = {w for w in wanted for u in units if ("weight", u.name, _fit_label(w, u.in_features)) in scores}
+                else:
+                    have = {lab for (k, _, lab) in scores if k == kind}
                 missing = sorted(wanted - have - {REFERENCE[kind]})
                 if missing:
                     raise BitplanError(f"the sensitivity table has no scores for {kind} option(s) {', '.join(missing)}")
 
-        def allowed(kind: str, label: str) -> bool:
-            return not keep[kind] or label in keep[kind]
+        def allowed(kind: str, label: str, in_features: int = 0) -> bool:
+            if not keep[kind]:
+                return True
+            return label in (fitted_keep[in_features] if kind == "weight" else keep[kind])
 
         decisions: list[Decision] = []
         hd, nkv = graph.head_dim, graph.num_kv_heads
@@ -163,7 +172,7 @@ class SearchSpace:
             for u in graph.units(gran):
                 opts = [Option("bf16", 0.0, 16.0 * u.numel, 0.0, 16.0)]
                 for (k, unit, label), s in sorted(scores.items()):
-                    if k == "weight" and unit == u.name and allowed("weight", label):
+                    if k == "weight" and unit == u.name and allowed("weight", label, u.in_features):
                         fmt = parse_weight(label.partition("@")[0])
                         bits = float(fmt.storage_bits(u.out_features, u.in_features))
                         opts.append(Option(label, s, bits, 0.0, bits / u.numel))
@@ -318,6 +327,12 @@ class SearchSpace:
         return f"search space: {'; '.join(parts)}; 10^{size:.0f} plans; scores: " + ", ".join(
             f"{k} {m}" for k, m in self.score_methods.items()
         )
+
+
+def _fit_label(label: str, in_features: int) -> str:
+    """A weight label with its format fitted to a unit's inputs (``w3g128a@hqq`` -> ``w3g96a@hqq`` on 576)."""
+    fmt, _, method = label.partition("@")
+    return _weight_label(str(parse_weight(fmt).fit_group(in_features)), method)
 
 
 def _labels(items: Sequence[str] | None, kind: str) -> set[str]:

@@ -18,7 +18,12 @@ KVS = ("k8v8", "k4v4", "k4v2", "k2v4", "k2v2")
 
 
 def synth_table(
-    graph: ModelGraph, *, seed: int = 0, method: ScoreMethod = "kl", extra: dict[str, Any] | None = None
+    graph: ModelGraph,
+    *,
+    seed: int = 0,
+    method: ScoreMethod = "kl",
+    extra: dict[str, Any] | None = None,
+    weights: tuple[str, ...] = WEIGHTS,
 ) -> SensitivityTable:
     """Scores that grow as bits shrink, times a random per-unit sensitivity; ``w8g64a`` scores 0 (a tie
     with bf16: the knapsack must prefer its fewer bytes)."""
@@ -26,7 +31,7 @@ def synth_table(
     rows = []
     for u in graph.units("fused"):
         sens = float(rng.lognormal(0.0, 1.0))
-        for label in WEIGHTS:
+        for label in weights:
             fmt, _, quantizer = label.partition("@")
             bits = int(fmt[1])
             score = 0.0 if bits == 8 else sens * 1e-3 * 4.0 ** (8 - bits) * float(rng.lognormal(0.0, 0.2))

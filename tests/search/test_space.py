@@ -86,6 +86,18 @@ def test_label_filters(graph: ModelGraph) -> None:
     assert {d.kind for d in only_kv.decisions} == {"kv"}
 
 
+def test_weight_filter_is_fitted_per_unit_like_the_profiler(graph: ModelGraph) -> None:
+    """``w3g128a@hqq`` is scored as w3g64a@hqq on the 64-wide units: the filter must keep those rows too."""
+    table = synth_table(graph, weights=("w4g64a", "w3g128a@hqq"))
+    space = SearchSpace.from_table(table, graph, kinds=("weight",), weights=["w3g128a@hqq"])
+    widths = {u.name: u.in_features for u in graph.units("fused")}
+    assert set(widths.values()) == {64, 128}
+    assert sorted(d.name for d in space.decisions) == sorted(widths)
+    for d in space.decisions:
+        want = "w3g128a@hqq" if widths[d.name] == 128 else "w3g64a@hqq"
+        assert list(d.labels) == ["bf16", want], d.name
+
+
 def test_tie_clusters_share_one_kv_decision(graph: ModelGraph) -> None:
     kept = {str(i): ["k4v4", "k2v2"] for i in range(4)}
     extra = {
