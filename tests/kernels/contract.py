@@ -10,6 +10,14 @@ computed in float64 on the same packed weight. Inputs are *fresh* random draws o
 printed on failure; set BITPLAN_KERNEL_SEED to replay one). The bound is on the relative Frobenius error and
 depends on the dtype the kernel multiplies in. Outputs are poisoned with NaN before each run, and NaN
 never passes, so an element the kernel forgot to write fails.
+
+Why two bounds: in a low-precision kernel the error of one output row is dominated by a few terms (the
+outlier input channels, whose bf16 rounding reaches every output coherently, and the rounding of each
+group's zero), so it is heavy-tailed. Measured for torch's int4 kernel on (64, 256) at M=1 over 1,500
+seeds: median 3.1e-3, 99th percentile 7.4e-3, max 1.1e-2. A single bound tight enough to catch a
+systematic precision loss is then crossed by chance; so the *median* over a test's shape x M grid must
+meet ``BOUNDS`` (a systematic loss moves every check), and each single check ``TAIL`` x ``BOUNDS``
+(a layout or indexing bug moves its check far beyond either).
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ from bitplan.quantizers import QuantLinear, fake_quantize_act, get_weight_quanti
 
 SHAPES: tuple[tuple[int, int], ...] = ((64, 256), (96, 512), (40, 1024))  # (out, in); not powers of two on out
 MS: tuple[int, ...] = (1, 3, 16, 33)
-# relative Frobenius error bounds by the dtype activations are multiplied in
+# relative Frobenius error bounds by the dtype activations are multiplied in: on the median of a grid of
+# checks; a single check may reach TAIL times this (see the module docstring)
 BOUNDS = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
+TAIL = 2.0
 ACT_SLACK = 1.5e-2  # a kernel that quantizes activations itself may round a few values the other way
 
 
@@ -83,7 +93,8 @@ class KernelContract:
             return w.to(torch.bfloat16 if fmt.float_dtype == "bf16" else torch.float16).to(self.device)
         return get_weight_quantizer("rtn").quantize(w, fmt).to(self.device)
 
-    def _check(self, k: Kernel, case: str, shape: tuple[int, int], m: int, dtype: torch.dtype, seed: int) -> None:
+    def _check(self, k: Kernel, case: str, shape: tuple[int, int], m: int, dtype: torch.dtype, seed: int) -> float:
+        """The relative error of one run (asserted within ``TAIL`` x the bound); the caller bounds the median."""
         fmt, act = split_case(case)
         g = torch.Generator().manual_seed(seed)
         spec = LinearSpec(fmt, act, *shape)
@@ -98,9 +109,14 @@ class KernelContract:
         where = f"{self.kernel} {case} {shape} M={m} {dtype} seed={seed}"
         assert got.data_ptr() == out.data_ptr(), f"{where}: out= was not written in place"
         assert torch.isfinite(got).all(), f"{where}: non-finite or unwritten outputs"
-        bound = BOUNDS[k.compute_dtype(dtype)] + (ACT_SLACK if k.quantizes_acts and act.is_quantized else 0.0)
         err = ((got.double() - ref).norm() / ref.norm()).item()
+        bound = TAIL * self._bound(k, act, dtype)
         assert err <= bound, f"{where}: relative error {err:.2e} > {bound:.1e}"
+        return err
+
+    @staticmethod
+    def _bound(k: Kernel, act: ActFormat, dtype: torch.dtype) -> float:
+        return BOUNDS[k.compute_dtype(dtype)] + (ACT_SLACK if k.quantizes_acts and act.is_quantized else 0.0)
 
     # -- the contract ---------------------------------------------------------------------------
     def test_supports_its_cases(self, k: Kernel, case: str) -> None:
@@ -116,9 +132,13 @@ class KernelContract:
 
     def test_matches_reference(self, k: Kernel, case: str, dtype: torch.dtype) -> None:
         seed = fresh_seed()
-        for i, shape in enumerate(self.shapes):
-            for j, m in enumerate(self.ms):
-                self._check(k, case, shape, m, dtype, seed + 97 * i + j)
+        errs = [
+            self._check(k, case, shape, m, dtype, seed + 97 * i + j)
+            for i, shape in enumerate(self.shapes)
+            for j, m in enumerate(self.ms)
+        ]
+        median, bound = float(torch.tensor(errs).median()), self._bound(k, split_case(case)[1], dtype)
+        assert median <= bound, f"{self.kernel} {case} {dtype} seed={seed}: median relative error {median:.2e} > {bound:.1e}"
 
     def test_without_out_and_batched_input(self, k: Kernel, case: str) -> None:
         fmt, act = split_case(case)
@@ -163,7 +183,7 @@ class KernelContract:
         x = random_input(5, in_f, g).to(self.device)
         with torch.no_grad():
             want, got = ref(x.double()), mod(x)
-        bound = BOUNDS[k.compute_dtype(x.dtype)] + (ACT_SLACK if act.is_quantized else 0.0)
+        bound = TAIL * (BOUNDS[k.compute_dtype(x.dtype)] + (ACT_SLACK if act.is_quantized else 0.0))
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err <= bound, f"{self.kernel} {case} module seed={seed}: relative error {err:.2e}"
 
