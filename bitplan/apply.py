@@ -59,6 +59,13 @@ def apply_plan(
         units[head.name] = head
     acts = plan.act_formats()
     work = list(plan.unit_choices())
+    # a quantized head tied to the embedding quantizes the embedding too (checked before anything changes)
+    tied_head = plan.extra.get("lm_head") if graph.tied_embeddings else None
+    tied_head = tied_head if tied_head is not None and tied_head.format.is_quantized else None
+    embed_path = graph.embed_path or ""
+    embedding = model.get_submodule(embed_path) if tied_head is not None and embed_path else None
+    if tied_head is not None and not isinstance(embedding, nn.Embedding):
+        raise BitplanError(f"the head is tied to {embed_path or 'an embedding'!s}, which is not an nn.Embedding; cannot quantize it")
     for name, choice in tqdm(work, desc="apply", unit="unit", disable=not progress):
         unit = units[name]
         act = acts[unit.layer] if unit.layer is not None else ActFormat()  # lm_head: 16-bit input
@@ -74,8 +81,14 @@ def apply_plan(
                 device = next(iter(qmod.buffers())).device
                 qmod.set_kernel(choose_kernel(qmod.spec, device, kernels, latency))
             model.set_submodule(member.path, qmod)
-    if "lm_head" in plan.extra and graph.tied_embeddings:
-        model.config.tie_word_embeddings = False  # type: ignore[union-attr]  # the head now has its own packed weight
+    if tied_head is not None and isinstance(embedding, nn.Embedding):
+        # The head now has its own packed weight; the embedding gets the same format as gatherable rows.
+        from bitplan.quantizers import QuantEmbedding
+
+        model.config.tie_word_embeddings = False  # type: ignore[union-attr]
+        with torch.no_grad():
+            q_emb = QuantEmbedding.from_float(embedding, tied_head.format, tied_head.method)
+        model.set_submodule(embed_path, q_emb)
     if any(kv.is_quantized for kv in plan.kv_formats()):
         install_kv_plan(model, plan.kv_formats())
     model.bitplan_plan = plan  # type: ignore[assignment]

@@ -65,7 +65,10 @@ def cmd_plan_uniform(args: argparse.Namespace) -> int:
     from bitplan.plan import uniform_plan
 
     model = _load(args)
-    plan = uniform_plan(model, args.weights, args.acts, args.kv, method=args.method, granularity=args.granularity, name_or_path=args.model)
+    plan = uniform_plan(
+        model, args.weights, args.acts, args.kv, method=args.method, granularity=args.granularity,
+        name_or_path=args.model, head=args.head,
+    )  # fmt: skip
     plan.save(args.output)
     s = plan.summary()
     if args.json:
@@ -201,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--acts", default="a16", help="activation format: a16 (default), a8t, a4t, afp8t")
     sp.add_argument("--kv", default="k16v16", help="KV cache format, e.g. k8v8, k4v2, k16v16 (default)")
     sp.add_argument("--method", default="rtn", help="weight quantizer method (default rtn)")
+    sp.add_argument("--head", help="also quantize lm_head (and a tied embedding) to this format (default: 16-bit)")
     sp.add_argument("--granularity", choices=["fused", "tensor"], default="fused")
     sp.add_argument("-o", "--output", required=True, help="plan JSON to write")
     sp.add_argument("--json", action="store_true")

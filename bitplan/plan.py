@@ -168,16 +168,23 @@ class Plan:
                 head_params += out_f * in_f
             else:
                 decoder_params += out_f * in_f
-        # Everything that is not a unit stays 16-bit. A tied head shares its parameters with the
-        # embedding (counted once in total_params): quantizing it unties it, the embedding stays.
-        other = self.model.total_params - decoder_params - (0 if self.model.tied_embeddings else head_params)
+        # Everything that is not a unit stays 16-bit. A tied head shares its parameters with the embedding
+        # (counted once in total_params): quantizing it quantizes the embedding to the same format, held
+        # as a second packed copy (the head's in its kernel layout, the embedding's as gatherable rows).
+        other = self.model.total_params - decoder_params - head_params
+        if self.model.tied_embeddings:
+            unit_bits_held = unit_bits + sum(
+                c.format.storage_bits(*self.shapes[n]) for n, c in self.extra.items() if c.format.is_quantized
+            )
+        else:
+            unit_bits_held = unit_bits
         unit_params = decoder_params + head_params
         kv = sum(layer.kv.bytes_per_token(self.model.num_kv_heads, self.model.head_dim) for layer in self.layers)
         return PlanSummary(
             avg_weight_bits=unit_bits / unit_params if unit_params else 16.0,
             unit_params=unit_params,
             unit_weight_bytes=unit_bits // 8,
-            weight_bytes=unit_bits // 8 + 2 * other,
+            weight_bytes=unit_bits_held // 8 + 2 * other,
             kv_bytes_per_token=kv,
             weight_formats=dict(by_fmt.most_common()),
             act_formats=dict(Counter(str(layer.acts) for layer in self.layers).most_common()),
@@ -435,8 +442,12 @@ def uniform_plan(
     method: str = DEFAULT_METHOD,
     granularity: Granularity = "fused",
     name_or_path: str | None = None,
+    head: str | WeightFormat | None = None,
 ) -> Plan:
     """One format for every decision unit, activation and KV layer of ``model`` (a module or a ModelGraph).
+
+    ``head``: a format for ``lm_head`` too (by default it stays 16-bit); on a model with tied embeddings
+    the embedding table gets the same format.
 
     A group size that does not divide a unit's input features is replaced, for that unit, by the
     largest multiple of 8 below it that does (the main model's 576-wide inputs turn ``g128`` into ``g96``);
@@ -467,6 +478,17 @@ def uniform_plan(
             choices[unit.local] = UnitChoice(fitted, method)
             shapes[unit.name] = (unit.out_features, unit.in_features)
         layers.append(LayerPlan(info.index, choices, a, k))
+    extra: dict[str, UnitChoice] = {}
+    if head is not None:
+        head_unit = graph.head_unit()
+        if head_unit is None:
+            raise PlanError("this model has no lm_head to quantize")
+        hw = head if isinstance(head, WeightFormat) else parse_weight(head)
+        fitted = hw.fit_group(head_unit.in_features)
+        if fitted != hw:
+            refitted.setdefault(str(fitted), []).append(head_unit.name)
+        extra[head_unit.name] = UnitChoice(fitted, method)
+        shapes[head_unit.name] = (head_unit.out_features, head_unit.in_features)
     notes = []
     for fitted_text, names in refitted.items():
         note = (
@@ -480,6 +502,11 @@ def uniform_plan(
         layers=tuple(layers),
         shapes=shapes,
         granularity=granularity,
-        metadata={"created_by": "uniform_plan", "requested": {"weights": str(w), "acts": str(a), "kv": str(k), "method": method}, "notes": notes},
+        extra=extra,
+        metadata={
+            "created_by": "uniform_plan",
+            "requested": {"weights": str(w), "acts": str(a), "kv": str(k), "method": method, **({"head": str(head)} if head else {})},
+            "notes": notes,
+        },
     )
     return plan.validate(graph)

@@ -13,9 +13,10 @@ import torch
 import bitplan
 from bitplan.apply import apply_plan, held_weight_bytes
 from bitplan.errors import BitplanError
+from bitplan.formats import parse_weight
 from bitplan.graph import build_graph
 from bitplan.plan import Plan, uniform_plan
-from bitplan.quantizers import QuantLinear
+from bitplan.quantizers import QuantEmbedding, QuantLinear, get_weight_quantizer
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt_neox", "gpt2"]
 
@@ -79,19 +80,39 @@ def test_generate_greedy_and_beam_with_mixed_kv(make_random_lm: Any) -> None:
     assert greedy.shape == beam.shape == (1, 52)
 
 
-def test_lm_head_on_a_tied_model(make_random_lm: Any) -> None:
+@pytest.mark.parametrize("kernels", ["reference", "auto"])
+def test_lm_head_on_a_tied_model(make_random_lm: Any, kernels: str) -> None:
+    """A tied head's format reaches the embedding too: both packed, the same codes, the summary's bytes held."""
     model = make_random_lm("llama", tie_word_embeddings=True).to(torch.bfloat16)
-    d = uniform_plan(model, "w8c").to_dict()
-    d["extra"] = {"lm_head": "w4g64a"}
-    plan = Plan.from_dict(d)
-    embed_before = model.get_input_embeddings().weight.clone()
-    apply_plan(model, plan)
+    plan = uniform_plan(model, "w8c", head="w4g64a")
+    assert str(plan.extra["lm_head"]) == "w4g64a"
+    embed_before = model.get_input_embeddings().weight.detach().clone()
+    apply_plan(model, plan, kernels=kernels)
     assert isinstance(model.lm_head, QuantLinear)
-    assert torch.equal(model.get_input_embeddings().weight, embed_before)  # embedding stays 16-bit
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, QuantEmbedding) and str(emb.weight_format) == "w4g64a"
+    ids = torch.arange(embed_before.shape[0])
+    with torch.no_grad():
+        rows = emb(ids).float()
+    ref = get_weight_quantizer("rtn").quantize(embed_before.float(), parse_weight("w4g64a")).dequantize(torch.float32)
+    torch.testing.assert_close(rows, ref.to(torch.bfloat16).float())
+    fresh = make_random_lm("llama", tie_word_embeddings=True).to(torch.bfloat16)
+    non_param = held_weight_bytes(fresh) - uniform_plan(fresh, "bf16").summary().weight_bytes  # rotary buffers
     s = model.bitplan_plan.summary()
-    assert abs(held_weight_bytes(model) - s.weight_bytes) <= 0.01 * s.weight_bytes
+    assert held_weight_bytes(model) - non_param == s.weight_bytes
+    assert s.weight_bytes < uniform_plan(fresh, "w8c").summary().weight_bytes
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 256, (1, 8))).logits).all()
+
+
+def test_a_sixteen_bit_head_keeps_the_tied_embedding(make_random_lm: Any) -> None:
+    model = make_random_lm("llama", tie_word_embeddings=True).to(torch.bfloat16)
+    plan = uniform_plan(model, "w8c", head="bf16")
+    fresh = make_random_lm("llama", tie_word_embeddings=True).to(torch.bfloat16)
+    non_param = held_weight_bytes(fresh) - uniform_plan(fresh, "bf16").summary().weight_bytes  # rotary buffers
+    apply_plan(model, plan)
+    assert isinstance(model.get_input_embeddings(), torch.nn.Embedding)
+    assert held_weight_bytes(model) - non_param == plan.summary().weight_bytes
 
 
 def test_apply_refuses_a_second_plan_and_a_foreign_plan(make_random_lm: Any) -> None:

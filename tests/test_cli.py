@@ -50,6 +50,9 @@ def test_plan_uniform_show_apply(model_dir: Path, tmp_path: Path, capsys: pytest
     assert sum(data["kernels"].values()) > 0  # every packed linear names the kernel it runs
     code, out, _ = run(capsys, "apply", "--model", str(model_dir), "--plan", str(plan), "--kernels", "reference", "--json")
     assert code == 0 and set(json.loads(out)["kernels"]) == {"reference"}
+    headed = tmp_path / "head.json"
+    code, out, _ = run(capsys, "plan", "uniform", "--model", str(model_dir), "--weights", "w4g64a", "--head", "w8c", "-o", str(headed), "--json")
+    assert code == 0 and json.loads(headed.read_text())["extra"]["lm_head"]["format"] == "w8c"
     for policy, message in (("nope", "unknown kernel 'nope'; registered: "), ("int8pack", "kernel 'int8pack' cannot run w4g64a")):
         code, out, err = run(capsys, "apply", "--model", str(model_dir), "--plan", str(plan), "--kernels", policy, "--json")
         assert code == 2 and out == "" and err.startswith("error: " + message) and err.count("\n") == 1
