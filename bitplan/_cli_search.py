@@ -35,6 +35,8 @@ def add_search_parser(sub: Any) -> None:
     g.add_argument("--max-memory", help="weights + KV cache at --batch x --context, e.g. 60MB, 1.5GiB")
     g.add_argument("--max-kv-bits", help="average over layers of (K bits + V bits) / 2, e.g. 4")
     g.add_argument("--max-latency", help="decode ms per token (12ms) or a ratio of the 16-bit model (0.6x)")
+    g.add_argument("--profile", metavar="PARQUET", help="hardware profile (bitplan profile-hw) for latency; default: a bytes-based estimate")
+    g.add_argument("--allow-foreign-profile", action="store_true", help="use a profile measured on other hardware")
     g.add_argument("--batch", type=int, default=1, help="sequences decoded together (memory and latency; default 1)")
     g.add_argument("--context", type=int, default=2048, help="cached tokens per sequence (default 2048)")
     g = sp.add_argument_group("search space")
@@ -85,7 +87,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     inputs = PipelineInputs(
         model=args.model, calib=args.calib, tokens=args.tokens, window=args.window, sens_method=args.sens_method,
         table=args.table, verify_data=args.verify_data, verify_tokens=args.verify_tokens, eval_data=args.eval,
-        eval_tokens=args.eval_tokens, dtype=args.dtype,
+        eval_tokens=args.eval_tokens, dtype=args.dtype, profile=args.profile,
+        allow_foreign_profile=args.allow_foreign_profile,
     )  # fmt: skip
     result = run_pipeline(inputs, config, args.output, progress=not args.json)
     s = result.summary

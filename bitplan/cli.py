@@ -103,9 +103,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     plan = Plan.load(args.plan)  # fail on a bad plan before spending time on the model
+    latency = None
+    if args.profile:  # choose each unit's kernel by measured latency
+        from bitplan.profiles import ProfileIndex, load_profile
+
+        latency = ProfileIndex(load_profile(args.profile, "cpu", allow_foreign=args.allow_foreign_profile)).kernel_latency()
     model = _load(args)
     t_load = time.perf_counter()
-    apply_plan(model, plan, kernels=args.kernels, progress=not args.json)
+    apply_plan(model, plan, kernels=args.kernels, latency=latency, progress=not args.json)
     t_apply = time.perf_counter()
     plan = model.bitplan_plan
     s = plan.summary()
@@ -223,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-kl", action="store_true", help="skip KL against the unquantized model (saves a second model)")
     sp.add_argument("--kernels", default="auto", metavar="POLICY",
                     help="auto (fastest kernel holding the plan's bytes, default), fastest, reference, or a kernel name")
+    sp.add_argument("--profile", metavar="PARQUET", help="hardware profile: rank kernels by its measured latency")
+    sp.add_argument("--allow-foreign-profile", action="store_true", help="use a profile measured on other hardware")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_apply)
 
@@ -249,9 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="Parquet table to write (resumes / reuses when it exists)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_sensitivity)
+    from bitplan._cli_profiles import add_profile_parsers
     from bitplan._cli_search import add_search_parser
 
     add_search_parser(sub)
+    add_profile_parsers(sub)
     return p
 
 

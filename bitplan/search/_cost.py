@@ -15,6 +15,7 @@ bandwidth at all, since every term scales by it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,18 +27,27 @@ __all__ = ["BytesCostModel", "CostModel", "LatencyTable"]
 
 @dataclass(frozen=True)
 class LatencyTable:
-    """Per decision, ms per token for each option; plus the fixed ms of everything else."""
+    """Per decision, ms per token for each option; plus the fixed ms of everything else.
+
+    ``exact``: where a plan's latency is not quite a sum over decisions (a layer's activation format
+    changes which kernel its linears run), a picklable callable giving the exact figure for a choice; the
+    study's objectives and budgets use it, the knapsack seeds the additive part.
+    """
 
     per_option: list[np.ndarray]
     fixed_ms: float
     source: str  # what the numbers are: "bytes-based estimate (...)" or "measured profile ..."
+    exact: Callable[[Sequence[int]], float] | None = None
 
-    def total(self, index: list[int] | tuple[int, ...]) -> float:
+    def additive(self, index: Sequence[int]) -> float:
         return self.fixed_ms + float(sum(a[j] for a, j in zip(self.per_option, index, strict=True)))
+
+    def total(self, index: Sequence[int]) -> float:
+        return self.exact(list(index)) if self.exact is not None else self.additive(index)
 
     def reference(self) -> float:
         """Latency of the all-16-bit choice (option 0 everywhere)."""
-        return self.fixed_ms + float(sum(a[0] for a in self.per_option))
+        return self.total([0] * len(self.per_option))
 
 
 class CostModel(ABC):

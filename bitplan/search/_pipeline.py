@@ -43,6 +43,8 @@ class PipelineInputs:
     eval_data: str | None = None
     eval_tokens: int = 8192
     dtype: str = "float32"
+    profile: str | None = None  # a hardware profile (bitplan profile-hw) for the latency objective and budget
+    allow_foreign_profile: bool = False
 
 
 def run_pipeline(inputs: PipelineInputs, config: SearchConfig, run_dir: str | Path, *, progress: bool = True) -> SearchResult:
@@ -50,6 +52,11 @@ def run_pipeline(inputs: PipelineInputs, config: SearchConfig, run_dir: str | Pa
     from bitplan.loading import load_model, load_tokenizer, parse_dtype
     from bitplan.search._verify import default_verify_tokens
 
+    cost_model = None
+    if inputs.profile:  # checked first: a profile of another device is refused before any work
+        from bitplan.profiles import ProfileCostModel, load_profile
+
+        cost_model = ProfileCostModel(load_profile(inputs.profile, "cpu", allow_foreign=inputs.allow_foreign_profile))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
@@ -81,7 +88,7 @@ def run_pipeline(inputs: PipelineInputs, config: SearchConfig, run_dir: str | Pa
         verify_ids = default_verify_tokens(tok, inputs.calib, table.meta.tokens, inputs.verify_tokens, inputs.window)
 
     result = search(model, table, run_dir, config, verify_tokens=verify_ids, window=inputs.window,
-                    name_or_path=inputs.model, progress=progress)  # fmt: skip
+                    name_or_path=inputs.model, progress=progress, cost_model=cost_model)  # fmt: skip
     result.stage_seconds.update({**stages, **result.stage_seconds})
 
     if inputs.eval_data and result.best_plan is not None:
