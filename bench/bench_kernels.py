@@ -70,7 +70,8 @@ ENTRIES = [
     ("reference w4g64a", "reference", "w4g64a"),
     ("fbgemm dynamic w8c/a8t*", "fbgemm", "w8c/a8t"),
 ]
-E2E_ROWS = ["fp32", "bf16", "w8c", "w4g64a", "w4g64a+bf16", "w3g64a+bf16"]
+# "+bf16": the rest of the model cast to bf16; "+head": lm_head (and the tied embedding) in the row's format too
+E2E_ROWS = ["fp32", "bf16", "w8c", "w4g64a", "w4g64a+bf16", "w4g64a+head+bf16", "w3g64a+bf16"]
 
 
 # -- micro ----------------------------------------------------------------------------------------
@@ -253,9 +254,9 @@ def e2e_worker(row: str, args: argparse.Namespace) -> dict:
     graph = build_graph(model)
     unit_paths = [mem.path for u in graph.units("fused") for mem in u.members]
     plan = None
-    fmt = row.split("+")[0]
+    fmt, *mods = row.split("+")
     if fmt.startswith(("w", "nf4", "fp8")):
-        plan = bitplan.uniform_plan(model, fmt, name_or_path=args.model)
+        plan = bitplan.uniform_plan(model, fmt, name_or_path=args.model, head=fmt if "head" in mods else None)
         bitplan.apply_plan(model, plan, kernels=args.policy)
     if row == "bf16" or row.endswith("+bf16"):
         model.to(torch.bfloat16)
@@ -324,18 +325,20 @@ def render_e2e(results: list[dict], args: argparse.Namespace) -> str:
         f"{args.runs} runs after one warm-up; {args.threads} threads, OMP_WAIT_POLICY {omp_policy()}; quantized rows: `uniform_plan(model, fmt)` applied "
         f"with `kernels=\"{args.policy}\"` to the fp32 model (`+bf16`: the rest of the model then cast to bf16)",
         "- a uniform plan quantizes the decision units (q/k/v/o, gate/up/down of all 30 layers); the tied embedding / "
-        "lm_head (49152x576, 28.3M parameters) stays in the model's dtype",
+        "lm_head (49152x576, 28.3M parameters) stays in the model's dtype, except in `+head` rows (`uniform_plan(..., head=fmt)`: "
+        "the head in the kernel's layout, the embedding as a second packed copy of gatherable rows)",
         "- held = `held_weight_bytes(model)` (every parameter and buffer as held in memory); units = the decision "
         "units' linears as held; RSS = process RSS after load+apply minus after imports (fresh process per row)",
         "",
-        "| model | tokens/s | vs bf16 | held MB | units MB | units vs bf16 | RSS delta MB | RSS after decode MB | kernels |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | tokens/s | vs bf16 | held MB | held vs bf16 | units MB | units vs bf16 | RSS delta MB | RSS after decode MB | kernels |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         vs = f"{r['tok_s'] / b16['tok_s']:.2f}x" if b16 else ""
         uv = f"{r['units'] / b16['units']:.1%}" if b16 else ""
+        hv = f"{r['held'] / b16['held']:.1%}" if b16 else ""
         ks = ", ".join(f"{k} x{v}" for k, v in r["kernels"].items()) or "(no packed linears)"
-        lines.append(f"| {r['row']} | {r['tok_s']:.1f} | {vs} | {r['held'] / 1e6:.1f} | {r['units'] / 1e6:.1f} | {uv} | "
+        lines.append(f"| {r['row']} | {r['tok_s']:.1f} | {vs} | {r['held'] / 1e6:.1f} | {hv} | {r['units'] / 1e6:.1f} | {uv} | "
                      f"{r['rss_delta'] / 1e6:.1f} | {r['rss_after_decode'] / 1e6:.1f} | {ks} |")
     plans = {r["row"]: r["plan"] for r in results if r["plan"]}
     lines += [""] + [f"- plan {k}: {v}" for k, v in plans.items()]
