@@ -39,14 +39,14 @@ def load_profile(path: str | os.PathLike[str], device: str = "cpu", *, allow_for
 
 @dataclass(frozen=True)
 class _ExactLatency:
-    """Picklable: the predicted decode ms of a choice's plan."""
+    """Picklable: the predicted decode ms of a choice's plan (one index of the profile, built once)."""
 
     space: SearchSpace
-    profile: HardwareProfile
+    index: ProfileIndex
 
-    def __call__(self, index: Sequence[int]) -> float:
-        plan = self.space.to_plan(list(index))
-        return predict(plan, self.profile, self.space.graph, batch=self.space.batch, context=self.space.context).decode_ms
+    def __call__(self, choice: Sequence[int]) -> float:
+        plan = self.space.to_plan(list(choice))
+        return predict(plan, self.index, self.space.graph, batch=self.space.batch, context=self.space.context).decode_ms
 
 
 @dataclass(frozen=True)
@@ -88,4 +88,4 @@ class ProfileCostModel(CostModel):
         fixed = idx.skeleton_ms("decode", space.context) + sum(unit_ms(n, "bf16") for n in units if n not in decided_units)
         fp = prof.meta.device
         source = f"measured profile ({fp.name}, {fp.kind}, batch {prof.meta.batch}, {prof.meta.dtype}; context {space.context})"
-        return LatencyTable(per, fixed, source, exact=_ExactLatency(space, prof))
+        return LatencyTable(per, fixed, source, exact=_ExactLatency(space, idx))

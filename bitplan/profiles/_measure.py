@@ -40,7 +40,7 @@ from bitplan.formats import ActFormat, KVFormat, WeightFormat, parse_act, parse_
 from bitplan.graph import ModelGraph, build_graph
 from bitplan.profiles._fingerprint import device_fingerprint
 from bitplan.profiles._table import HardwareProfile, HWRow, ProfileMeta, arrow_to_rows, rows_to_arrow
-from bitplan.profiles._timing import Timing, copies_for, time_passes
+from bitplan.profiles._timing import Timing, copies_for, quantiles, time_passes
 
 __all__ = ["decode_ms_per_token", "profile_hw", "stubbed"]
 
@@ -101,11 +101,6 @@ def decode_ms_per_token(model: Any, ids: torch.Tensor, new: int = 32, reps: int 
         long, short = _generate_s(model, ids, new + 1), _generate_s(model, ids, 1)
         samples.append(max(0.0, long - short) * 1e3 / new)
     return statistics.median(samples), samples
-
-
-def _spread(samples: Sequence[float]) -> tuple[float, float, float]:
-    s = sorted(samples)
-    return statistics.median(s), s[int(0.1 * (len(s) - 1))], s[round(0.9 * (len(s) - 1))]
 
 
 # -- linear timings -----------------------------------------------------------------------------------
@@ -201,11 +196,13 @@ def profile_hw(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"weights": [str(w) for w in wf], "acts": [str(a) for a in af], "kv": [str(k) for k in kf], "new_tokens": new_tokens},
     )  # fmt: skip
-    store = _Partial(output, meta) if output is not None else None
-    if output is not None and Path(output).exists():
-        old = HardwareProfile.load(output)
-        if old.meta.identity() == meta.identity() and store is not None:
-            store.seed([r for r in old.rows])
+    store = None
+    if output is not None:
+        store = _Partial(output, meta)
+        if Path(output).exists():  # a finished profile of the same inputs: reuse its rows (a rerun adding formats)
+            old = HardwareProfile.load(output)
+            if old.meta.identity() == meta.identity():
+                store.seed(list(old.rows))
     rows: dict[tuple[Any, ...], HWRow] = {r.key: r for r in (store.rows() if store else [])}
     done_groups = set(store.groups()) if store else set()
 
@@ -256,11 +253,11 @@ def profile_hw(
                         ids = _prompt(model, batch, ctx).to(dev)
                         _generate_s(model, ids, 1)
                         samples = [_generate_s(model, ids, 1) * 1e3 for _ in range(5)]
-                    med, p10, p90 = _spread(samples)
+                    t = quantiles(samples)
                 finally:
                     uninstall_kv_plan(model)
                 keep(group, [HWRow("skeleton", phase=phase, m=batch if phase == "decode" else batch * ctx, context=ctx, kv=str(k),
-                                   median_ms=med, p10_ms=p10, p90_ms=p90, reps=len(samples))])  # fmt: skip
+                                   median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, reps=t.reps)])  # fmt: skip
             bar.update()
     bar.close()
     profile = HardwareProfile(tuple(rows.values()), meta)
@@ -278,7 +275,7 @@ def _fixed_rows(model: Any, graph: ModelGraph, ids: torch.Tensor, hidden: torch.
         emb = model.get_submodule(graph.embed_path)
         pieces.append(("embedding", lambda: emb(ids)))
     layer0 = model.get_submodule(graph.layers[0].path)
-    for attr in ("input_layernorm", "ln_1", "input_layernorm"):
+    for attr in ("input_layernorm", "ln_1"):
         norm = getattr(layer0, attr, None)
         if isinstance(norm, nn.Module):
             pieces.append(("norm", functools.partial(norm, hidden)))

@@ -125,14 +125,19 @@ class ProfileIndex:
 
 def predict(
     plan: Plan,
-    profile: HardwareProfile,
+    profile: HardwareProfile | ProfileIndex,
     graph: ModelGraph,
     *,
     batch: int | None = None,
     context: int | None = None,
     kernels: str = "auto",
 ) -> Prediction:
-    """Predicted memory and latency of ``plan`` on the profiled device (see the module docstring)."""
+    """Predicted memory and latency of ``plan`` on the profiled device (see the module docstring).
+
+    Pass a :class:`ProfileIndex` (built once) when predicting many plans from one profile.
+    """
+    idx = profile if isinstance(profile, ProfileIndex) else ProfileIndex(profile)
+    profile = idx.profile
     profile.check_model(graph.fingerprint)
     plan = plan.validate(graph)
     meta = profile.meta
@@ -142,7 +147,6 @@ def predict(
     context = max(meta.contexts) if context is None else context
     if context < 1:
         raise BitplanError(f"--context must be at least 1, got {context}")
-    idx = ProfileIndex(profile)
     units = {u.name: u for u in graph.units(plan.granularity)}
     acts = plan.act_formats()
     out: dict[str, float] = {"skeleton": idx.skeleton_ms("decode", context), "linears": 0.0, "kv": 0.0, "head": 0.0}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ROTATE_BYTES", "Timing", "copies_for", "time_passes"]
+__all__ = ["ROTATE_BYTES", "Timing", "copies_for", "quantiles", "time_passes"]
 
 ROTATE_BYTES = 96 * 2**20  # above the last-level cache of the CPUs and GPUs we target (L2 of an H100 is 50 MB)
 MAX_COPIES = 64
@@ -41,7 +41,8 @@ def copies_for(nbytes: int) -> int:
     return max(1, min(MAX_COPIES, -(-ROTATE_BYTES // max(1, nbytes))))
 
 
-def _quantiles(samples: Sequence[float]) -> Timing:
+def quantiles(samples: Sequence[float]) -> Timing:
+    """Median and p10/p90 of ms samples."""
     s = sorted(samples)
     n = len(s)
     return Timing(statistics.median(s), s[max(0, int(0.1 * (n - 1)))], s[min(n - 1, round(0.9 * (n - 1)))], n)
@@ -72,7 +73,7 @@ def time_passes(
         for c in calls:
             c()
         samples.append((time.perf_counter() - t) * 1e3 / n)
-    return _quantiles(samples)
+    return quantiles(samples)
 
 
 def _time_cuda(calls: Sequence[Callable[[], object]], *, min_reps: int, budget_s: float, warmup: int) -> Timing:
@@ -106,4 +107,4 @@ def _time_cuda(calls: Sequence[Callable[[], object]], *, min_reps: int, budget_s
         b.record()
         b.synchronize()
         samples.append(a.elapsed_time(b) / n)
-    return _quantiles(samples)
+    return quantiles(samples)

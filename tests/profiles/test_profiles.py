@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -65,7 +67,7 @@ def test_profile_covers_every_option_and_round_trips(model: Any, profiled: tuple
     assert {r.name for r in hw.by_part("fixed")} >= {"embedding", "norm", "sampling"}
     again = HardwareProfile.load(path)
     assert again == hw and again.meta.device == device_fingerprint("cpu")
-    meta = json.loads(__import__("pyarrow.parquet", fromlist=["x"]).read_schema(path).metadata[b"bitplan"])
+    meta = json.loads(pq.read_schema(path).metadata[b"bitplan"])
     assert meta["kind"] == "bitplan-hw-profile" and meta["schema_version"] == 1 and meta["device"]["torch"] == torch.__version__
     assert not path.with_name(path.name + ".partial").exists()
 
@@ -142,7 +144,7 @@ def test_kernel_choice_follows_measured_latency(model: Any, profiled: tuple[Hard
     hw, _ = profiled
     idx = ProfileIndex(hw)
     fast = idx.kernel_latency()
-    applied = bitplan.apply_plan(__import__("copy").deepcopy(model), bitplan.uniform_plan(model, "w4g32a"), latency=fast)
+    applied = bitplan.apply_plan(copy.deepcopy(model), bitplan.uniform_plan(model, "w4g32a"), latency=fast)
     for m in applied.modules():
         if isinstance(m, bitplan.quantizers.QuantLinear):
             rows = idx.kernel_rows("decode", (m.out_features, m.in_features), m.weight_format, m.act_format)
