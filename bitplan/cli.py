@@ -163,9 +163,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     candidates = Candidates.parse(
         _split(args.weights), _split(args.acts), None if args.kv is None else args.kv.split(";"), method=args.quantizer
     )
-    compute_dtype = parse_dtype(args.compute_dtype)
-    if isinstance(compute_dtype, str):
-        raise BitplanError("--compute-dtype must be a concrete dtype: bfloat16, float32 or float16")
+    parsed = parse_dtype(args.compute_dtype)  # "auto": bfloat16 where this device runs it natively, else float32
+    compute_dtype = None if isinstance(parsed, str) else parsed
     model = _load(args)
     calib = load_calib(load_tokenizer(args.model), args.calib, args.tokens, args.window)
     t0 = time.perf_counter()
@@ -247,11 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kinds", default="weight,act,kv", help="what to score (default weight,act,kv)")
     sp.add_argument("--weights", help="comma-separated weight options, e.g. w4g64a,w3g64a@hqq (default: a standard set)")
     sp.add_argument("--acts", help="comma-separated activation formats (default a8t,a4t)")
-    sp.add_argument("--kv", help="KV pairs: bit set '2,4,8,16' (all K x V pairs) or formats 'k4v2;k8v4' (default 2,4,8,16)")
+    sp.add_argument("--kv", help="KV pairs: bit set '2,4,8,16' (all K x V pairs; a suffix such as '2,3,4,8s1' applies to each) or formats 'k4v2;k8v4' (default 2,4,8,16)")
     sp.add_argument("--quantizer", default="rtn", help="weight quantizer for options without @method (default rtn)")
     sp.add_argument("--granularity", choices=["fused", "tensor"], default="fused")
     sp.add_argument("--batch-size", type=int, default=4)
-    sp.add_argument("--compute-dtype", default="bfloat16", help="dtype of the scoring passes (default bfloat16; float32 for exact)")
+    sp.add_argument("--compute-dtype", default="auto", help="dtype of the scoring passes: auto (default: bfloat16 where native -- CUDA, AMX or AVX-512 BF16 CPUs -- else float32), bfloat16, float32 (exact)")
     sp.add_argument("--top", type=int, default=10, help="units to list per kind in the summary")
     sp.add_argument("-o", "--output", help="Parquet table to write (resumes / reuses when it exists)")
     sp.add_argument("--json", action="store_true")

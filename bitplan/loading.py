@@ -23,7 +23,7 @@ import torch
 from bitplan.errors import ModelError
 from bitplan.graph import config_problem
 
-__all__ = ["DTYPES", "load_model", "load_tokenizer", "parse_dtype"]
+__all__ = ["DTYPES", "compute_dtype_for", "has_fast_bf16", "load_model", "load_tokenizer", "parse_dtype"]
 
 #: dtype names accepted on the command line and in configs.
 DTYPES: dict[str, torch.dtype | str] = {
@@ -52,6 +52,31 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     if key not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     return DTYPES[key]
+
+
+def has_fast_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bfloat16 matmuls run natively on ``device``: CUDA with bf16 support, or a CPU with AMX tiles or
+    AVX-512 BF16. Elsewhere (an AVX2-only CPU) torch emulates bf16 GEMMs, measured here ~85x slower than fp32.
+    Asked at call time, never at import."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type != "cpu":
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+
+
+def _param_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def compute_dtype_for(device: torch.device | str = "cpu") -> torch.dtype:
+    """The default compute dtype of scoring passes: bfloat16 where it is native (fast), else float32."""
+    return torch.bfloat16 if has_fast_bf16(device) else torch.float32
 
 
 def _looks_like_hub_id(name: str) -> bool:

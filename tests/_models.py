@@ -1,6 +1,6 @@
 """Small random-init causal LMs, one per supported architecture family, for tests and benchmarks.
 
-Importable from non-fixture code (``from _models import make_random_lm`` with ``tests/`` on sys.path);
+Importable from non-fixture code (``from tests._models import make_random_lm``);
 ``tests/conftest.py`` exposes the same factory as the ``make_random_lm`` fixture. Shapes are chosen so
 every linear's ``in_features`` is a multiple of 64 (group-quantization friendly), with 2 layers, a
 256-token vocabulary and GQA (4 query heads, 2 kv heads) where the architecture supports it.

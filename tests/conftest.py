@@ -14,12 +14,10 @@ from typing import Any
 
 import pytest
 
-try:  # tests/ is on sys.path under pytest's default (rootdir, no __init__.py) import mode
-    from _models import ARCHS
-    from _models import make_random_lm as _make_random_lm
-except ImportError:  # pragma: no cover - tests/ made a package
-    from tests._models import ARCHS
-    from tests._models import make_random_lm as _make_random_lm
+# tests/ is a package (tests/__init__.py): with pytest's default import mode the repository root goes on
+# sys.path, not tests/, so tests.kernels cannot shadow an installed ``kernels`` (transformers imports one).
+from tests._models import ARCHS
+from tests._models import make_random_lm as _make_random_lm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"

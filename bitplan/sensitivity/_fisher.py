@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 
 from bitplan.formats import ActFormat, WeightFormat
 from bitplan.graph import Granularity, LinearInfo, ModelGraph, Unit, build_graph
+from bitplan.loading import _param_device, compute_dtype_for
 from bitplan.quantizers import fake_quantize_act, get_weight_quantizer
 from bitplan.quantizers._base import WeightQuantizer, decode_groups, encode_groups, group_view
 from bitplan.quantizers._rtn import RTN
@@ -330,7 +331,7 @@ def fisher_scores(
     *,
     granularity: Granularity = "fused",
     batch_size: int = 4,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     kinds: Sequence[str] = _KINDS,
     form: FisherForm = "token",
     progress: bool = True,
@@ -351,6 +352,7 @@ def fisher_scores(
     start = time.perf_counter()
     graph = build_graph(model)
     units = graph.units(granularity)
+    dtype = dtype or compute_dtype_for(_param_device(model))
     gen = torch.Generator().manual_seed(seed)
     tokens = calib.num_windows * (calib.window - 1)
     eager = form == "token" and "weight" in kinds and bool(_v_pairs(graph))

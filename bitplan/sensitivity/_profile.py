@@ -19,6 +19,7 @@ from torch import nn
 
 from bitplan.errors import BitplanError
 from bitplan.graph import build_graph
+from bitplan.loading import _param_device, compute_dtype_for
 from bitplan.sensitivity._calib import CalibData
 from bitplan.sensitivity._candidates import Candidates
 from bitplan.sensitivity._rows import ScoreRow
@@ -72,19 +73,21 @@ def profile(
     granularity: Literal["fused", "tensor"] = "fused",
     output: str | os.PathLike[str] | None = None,
     batch_size: int = 4,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     model_name: str = "",
     progress: bool = True,
 ) -> SensitivityTable:
     """Score every option of every unit of ``model`` on ``calib``; see the package docstring.
 
     With ``output``, an existing table for the same inputs is returned as is, and an interrupted run
-    resumes from the rows it had finished. ``dtype`` is the compute dtype of the scoring passes
-    (bfloat16 by default: on CPUs with AMX it is ~7x faster than float32; its rounding noise floor is
-    reported in bench/RESULTS.md).
+    resumes from the rows it had finished. ``dtype`` is the compute dtype of the scoring passes; by default
+    (``None``) bfloat16 where it is native (CUDA, CPUs with AMX or AVX-512 BF16: ~7x faster than float32,
+    with a rounding noise floor reported in bench/RESULTS.md), else float32 (an AVX2-only CPU emulates bf16
+    GEMMs ~85x slower than fp32), see :func:`bitplan.loading.compute_dtype_for`.
     """
     from bitplan import __version__
 
+    dtype = dtype or compute_dtype_for(_param_device(model))
     candidates = candidates or Candidates()
     bad = [k for k in kinds if k not in ("weight", "act", "kv")]
     if bad:

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-from _models import make_random_lm
 
 from bitplan.apply import apply_plan
 from bitplan.eval import ReferenceLogProbs, evaluate
@@ -19,6 +18,7 @@ from bitplan.plan import UnitChoice
 from bitplan.sensitivity._additivity import additivity_check, mixed_plan, predicted_kl, random_mixed_plans
 from bitplan.sensitivity._calib import CalibData
 from bitplan.sensitivity._rows import ScoreRow
+from tests._models import make_random_lm
 
 WEIGHTS = ("w2g64a", "w4g64a")
 KV = ("k2v2", "k16v2", "k4v4")

@@ -9,7 +9,6 @@ from typing import cast
 
 import pytest
 import torch
-from _models import make_random_lm
 
 from bitplan.formats import parse_act, parse_weight
 from bitplan.graph import build_graph
@@ -17,6 +16,7 @@ from bitplan.quantizers import fake_quantize_act, get_weight_quantizer
 from bitplan.sensitivity._calib import CalibData
 from bitplan.sensitivity._candidates import Candidates
 from bitplan.sensitivity._fisher import _fake_quantize, _v_dots, fisher_scores
+from tests._models import make_random_lm
 
 
 @pytest.fixture(scope="module", autouse=True)
