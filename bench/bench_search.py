@@ -38,7 +38,8 @@ from bitplan.sensitivity import Candidates, SensitivityTable, load_calib, profil
 
 OUT = Path(__file__).resolve().parent / "out"
 UNIFORM_W = ["w8g64a", "w4g32a", "w4g64a", "w3g32a", "w3g64a", "w2g64a"]
-UNIFORM_KV = ["k8v8", "k8v4", "k4v4", "k4v3", "k3v3", "k4v2", "k3v2", "k2v4", "k2v2"]
+UNIFORM_KV = ["k8v8", "k4v4", "k4v3", "k3v3", "k4v2", "k3v2", "k2v2"]
+UNIFORM_KV_SINK = ["k4v4", "k4v3", "k3v3", "k4v2"]  # also shown with the sink tokens of the offered pairs
 # The bench's candidate sets: the library defaults plus calibration-free HQQ weight options (what the
 # 3.5-bit budget needs: 3-bit RTN is poor on this model) and 3-bit K/V sides (pairs of {2,3,4,8}).
 DEFAULT_OPTIONS = ["w8g64a", "w4g64a", "w4g32a", "w3g64a", "w3g32a", "w2g64a",
@@ -56,7 +57,7 @@ def _table(model, tok, args) -> SensitivityTable:
     OUT.mkdir(exist_ok=True)
     path = OUT / f"sens-auto-{Path(args.model).name}-{args.tokens}.parquet"
     calib = load_calib(tok, args.calib, args.tokens, args.window)
-    cands = Candidates.parse(weights=sorted({*DEFAULT_OPTIONS, *args.weight_options}), kv=[*DEFAULT_KV, *(str(k) for k in args.kv_pairs)])
+    cands = Candidates.parse(weights=sorted(set(args.weight_options)), kv=[str(k) for k in args.kv_pairs])
     return profile(model, calib, cands, method="auto", output=path, batch_size=4, model_name=Path(args.model).name)
 
 
@@ -168,32 +169,39 @@ def part_kv(model, tok, args) -> None:
     verify = default_verify_tokens(tok, args.calib, table.meta.tokens, args.verify_tokens, args.window)
     ev = _Eval(model, tok, args)
     base_ppl = ev(bitplan.uniform_plan(model, "bf16"), "bf16")[0]
-    uniform = {k: ev(bitplan.uniform_plan(model, "bf16", kv=k, name_or_path=args.model), k) for k in UNIFORM_KV}
+    sinks = sorted({k.sink for k in args.kv_pairs})
+    labels = UNIFORM_KV + [f"{k}s{s}" for s in sinks if s for k in UNIFORM_KV_SINK]
+    uniform = {k: ev(bitplan.uniform_plan(model, "bf16", kv=k, name_or_path=args.model), k) for k in labels}
     kv_bits_offered = sorted({b for k in args.kv_pairs for b in (k.k_bits, k.v_bits)})
-    kv_tag = "" if 3 not in kv_bits_offered else "-3bit"
+    kv_tag = ("" if 3 not in kv_bits_offered else "-3bit") + "".join(f"-s{s}" for s in sinks if s)
     rows = []
     for bits in args.kv_bits:
         _, plan = _searched(model, table, verify, args, f"search-kv{bits:g}{kv_tag}", Budgets(max_kv_bits=bits), ("kv",))
         ppl, kl = ev(plan)
         kv_bits = sum((f.k_bits + f.v_bits) / 2 for f in plan.kv_formats()) / len(plan.layers)
-        rows.append((bits, kv_bits, ppl, kl, plan.summary().kv_formats))
+        summ = plan.summary()
+        rows.append((bits, kv_bits, ppl, kl, summ.kv_formats, summ.kv_bytes(args.window) / args.window))
         print(f"KV budget {bits}: ppl {ppl:.3f} (16-bit KV {base_ppl:.3f})", flush=True)
     body = [
         f"## Search: KV pairs at average-KV-bit budgets on {Path(args.model).name} (weights bf16)",
         "",
         stamp().rstrip(),
-        f"- KV pairs offered: {len(args.kv_pairs)} (K and V bits from {kv_bits_offered}); "
+        f"- KV pairs offered: {len(args.kv_pairs)} (K and V bits from {kv_bits_offered}"
+        + (f", first {', '.join(map(str, sinks))} token(s) kept 16-bit: `s` suffix" if any(sinks) else "") + "); "
         f"scores: measured KL per layer and pair ({table.meta.tokens} calibration tokens), dominated pairs pruned; "
         f"{args.trials} trials; picked by measured KL on {args.verify_tokens} held-out calibration tokens",
         f"- test: first {ev.ids.numel()} tokens of `wikitext-2-raw-test.txt`; 16-bit KV ppl {base_ppl:.3f}; goal: at 3.25 bits within 1%",
         "- uniform: " + ", ".join(f"{k} ppl {v[0]:.3f}" for k, v in uniform.items()),
         "",
-        "| budget (avg KV bits) | searched avg bits | ppl | vs 16-bit KV | KL | pairs used |",
-        "|---:|---:|---:|---:|---:|---|",
-        *[f"| {b:g} | {kb:.3f} | {p:.3f} | {p / base_ppl - 1:+.2%} | {kl:.4f} | {', '.join(f'{k} x{n}' for k, n in f.items())} |"
-          for b, kb, p, kl, f in rows],
+        f"- KV bytes/token: the whole cache at {args.window} tokens (scales, offsets and sink tokens included) / {args.window}; "
+        f"16-bit: {bitplan.uniform_plan(model, 'bf16').summary().kv_bytes_per_token:.0f}",
+        "",
+        "| budget (avg KV bits) | searched avg bits | KV bytes/token | ppl | vs 16-bit KV | KL | pairs used |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+        *[f"| {b:g} | {kb:.3f} | {by:.0f} | {p:.3f} | {p / base_ppl - 1:+.2%} | {kl:.4f} | {', '.join(f'{k} x{n}' for k, n in f.items())} |"
+          for b, kb, p, kl, f, by in rows],
     ]
-    write_section("search-kv", "\n".join(body))
+    write_section("search-kv" + "".join(f"-s{s}" for s in sinks if s), "\n".join(body))
     print("\n".join(body))
 
 

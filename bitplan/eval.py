@@ -30,13 +30,14 @@ object, each batch of windows gets a fresh cache and is fed through it in chunks
 tokens, same accounting), but each chunk reads the earlier part of its window through the
 (fake-)quantized K/V, as decoding does (KIVI protocol). The chunking is what makes KV quantization
 visible at all: the cache hands the tokens of the *current* forward pass to attention exactly, so one
-forward of a whole window through an empty cache scores exactly like the unquantized model. A chunk
-that divides every quantized layer's flush unit (its group size when a side is per-channel, else 1)
-and its ``recent`` window gives exactly the logits of token-by-token decoding, because the cache then
-flushes at the same token counts; that is the default (``kv_chunk=None``), e.g. 32 for ``k2v2`` or
-``k4v2r128``, but never below 8 tokens: layouts whose exact chunk is smaller (both sides per-token,
-or an odd ``recent``) are scored with 8-token chunks, which slightly understates their error, rather
-than one forward pass per token. With an exact cache the chunked logits equal the one-pass logits.
+forward of a whole window through an empty cache scores exactly like the unquantized model. Chunks
+that start on every quantized layer's flush points (multiples of its flush unit -- the group size when a
+side is per-channel, else 1 -- offset by its ``sink + recent`` 16-bit tokens) give exactly the logits of
+token-by-token decoding, because the cache then flushes at the same token counts; that is the default
+(``kv_chunk=None``), e.g. chunks of 32 for ``k2v2`` or ``k4v2r128``, a first chunk of 1 token then 32 for
+``k4v3s1``, but never below 8 tokens: layouts whose exact chunk is smaller (both sides per-token, or
+layers with different offsets) are scored with 8-token chunks, which slightly understates their error,
+rather than one forward pass per token. With an exact cache the chunked logits equal the one-pass logits.
 """
 
 from __future__ import annotations
@@ -236,16 +237,41 @@ def _device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def _auto_chunk(cache: Any) -> int:
-    """Largest chunk that reproduces token-by-token decoding through ``cache`` (at least 8 tokens)."""
-    units = []
+def _chunk_layout(cache: Any) -> tuple[int, int]:
+    """``(first, chunk)``: feeding a first chunk of ``first`` tokens (none if 0), then chunks of ``chunk``,
+    reproduces token-by-token decoding through ``cache`` (``chunk`` at least 8 tokens).
+
+    A layer with flush unit ``u``, ``sink`` tokens and a ``recent`` window flushes when the tokens past
+    ``sink + recent`` fill a multiple of ``u``, so its flush points are ``(sink + recent) mod u`` plus
+    multiples of ``u``; chunk starts on those points see exactly what each token would. The largest grid
+    holding every layer's flush points has step ``gcd(u_l, o_l - o_0)`` over the layers (``o_l`` their
+    offsets). Below 8 tokens the 8-token grid is used instead (slightly understating the error, see above).
+    """
+    units, offsets = [], []
     for layer in getattr(cache, "layers", ()):
         unit = getattr(layer, "flush_unit", None)
         if isinstance(unit, int) and unit > 0:
-            recent = getattr(getattr(layer, "fmt", None), "recent", 0)
-            units.append(math.gcd(unit, recent if isinstance(recent, int) else 0))
-    chunk = math.gcd(*units) if units else _DEFAULT_KV_CHUNK
-    return max(_MIN_KV_CHUNK, chunk)
+            fmt = getattr(layer, "fmt", None)
+            lead = int(getattr(fmt, "recent", 0) or 0) + int(getattr(fmt, "sink", 0) or 0)
+            units.append(unit)
+            offsets.append(lead % unit)
+    if not units:
+        return 0, _DEFAULT_KV_CHUNK
+    chunk = math.gcd(*units, *(o - offsets[0] for o in offsets))
+    if chunk < _MIN_KV_CHUNK:
+        chunk = _MIN_KV_CHUNK
+    return offsets[0] % chunk, chunk
+
+
+def _chunk_spans(n: int, first: int, chunk: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of every chunk of an ``n``-token window under :func:`_chunk_layout`'s ``(first, chunk)``."""
+    starts = [0, *range(first if first else chunk, n, chunk)]
+    return [(s, min(e, n)) for s, e in zip(starts, [*starts[1:], n], strict=True)]
+
+
+def _auto_chunk(cache: Any) -> int:
+    """The chunk size of :func:`_chunk_layout` (kept for callers that only need the step)."""
+    return _chunk_layout(cache)[1]
 
 
 def _logits(
@@ -257,11 +283,9 @@ def _logits(
     if cache is None:
         return model(ids, use_cache=False).logits
     # fresh quantized KV cache, fed chunk by chunk: later chunks read the fake-quantized past K/V
-    chunk = kv_chunk if kv_chunk is not None else _auto_chunk(cache)
-    parts = [
-        model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True).logits
-        for s in range(0, ids.shape[1], chunk)
-    ]
+    first, chunk = (0, kv_chunk) if kv_chunk is not None else _chunk_layout(cache)
+    spans = _chunk_spans(ids.shape[1], first, chunk)
+    parts = [model(ids[:, s:e], past_key_values=cache, use_cache=True).logits for s, e in spans]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

@@ -11,6 +11,12 @@ residual holds at least ``recent + u`` tokens, its oldest ``k * u`` tokens beyon
 packed storage, where ``u`` is the group size if a quantized side is per-channel and 1 otherwise (a per-token
 side can go token by token). A 16-bit side is flushed too but never quantized: it keeps the input dtype.
 
+Sink tokens (``KVFormat.sink``): the first ``sink`` tokens of the sequence never leave the 16-bit buffer.
+They sit at its front (``keys[..., :sink, :]``), the residual proper follows, and packed storage starts at
+token ``sink``, so per-channel groups are aligned to ``sink + k * group``. Decode attention is a sum over
+keys, indifferent to their order, so readers of the layer's bytes (:mod:`bitplan.kernels.attention`) take
+the 16-bit buffer as it is; ``update`` hands its caller the tokens in sequence order.
+
 ``update`` returns, for attention, the dequantized storage as it was *before* the call, followed by the
 residual and the new tokens in the input dtype. The tokens of the current forward pass therefore attend to
 each other exactly and read their *past* through quantized K/V -- KIVI's prefill/decode behaviour, and the
@@ -159,22 +165,28 @@ class MixedKVLayer(CacheLayerMixin):
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
-        """Append new tokens; return past (dequantized) + residual + new K and V in the input dtype."""
+        """Append new tokens; return sinks + past (dequantized) + residual + new K and V in the input dtype."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         k_side, v_side, old_k, old_v = self._parts()
         past_k = k_side.read(key_states.dtype)
         past_v = v_side.read(value_states.dtype)
-        res_k = torch.cat([old_k, key_states], dim=-2)
-        res_v = torch.cat([old_v, value_states], dim=-2)
-        out_k = res_k if past_k is None else torch.cat([past_k, res_k], dim=-2)
-        out_v = res_v if past_v is None else torch.cat([past_v, res_v], dim=-2)
-        n_flush = max(0, res_k.shape[-2] - self.fmt.recent) // self.flush_unit * self.flush_unit
+        buf_k = torch.cat([old_k, key_states], dim=-2)
+        buf_v = torch.cat([old_v, value_states], dim=-2)
+        s = min(self.fmt.sink, buf_k.shape[-2])  # the sinks are the buffer's first tokens, always
+        if past_k is None or past_v is None:  # both or neither: the sides always hold the same tokens
+            out_k, out_v = buf_k, buf_v
+        else:
+            out_k = torch.cat([buf_k[..., :s, :], past_k, buf_k[..., s:, :]], dim=-2)
+            out_v = torch.cat([buf_v[..., :s, :], past_v, buf_v[..., s:, :]], dim=-2)
+        n_flush = max(0, buf_k.shape[-2] - s - self.fmt.recent) // self.flush_unit * self.flush_unit
         if n_flush:
-            k_side.append(res_k[..., :n_flush, :])
-            v_side.append(res_v[..., :n_flush, :])
-            res_k, res_v = res_k[..., n_flush:, :].clone(), res_v[..., n_flush:, :].clone()
-        self.keys, self.values = res_k, res_v
+            k_side.append(buf_k[..., s : s + n_flush, :])
+            v_side.append(buf_v[..., s : s + n_flush, :])
+            keep_k = (buf_k[..., :s, :], buf_k[..., s + n_flush :, :])
+            keep_v = (buf_v[..., :s, :], buf_v[..., s + n_flush :, :])
+            buf_k, buf_v = torch.cat(keep_k, dim=-2), torch.cat(keep_v, dim=-2)
+        self.keys, self.values = buf_k, buf_v
         return out_k, out_v
 
     # -- sizes ----------------------------------------------------------------------------------------
@@ -185,6 +197,7 @@ class MixedKVLayer(CacheLayerMixin):
 
     @property
     def residual_tokens(self) -> int:
+        """Tokens in the 16-bit buffer: the sinks (first) and the residual."""
         return 0 if self.keys is None else self.keys.shape[-2]
 
     @property
@@ -247,17 +260,23 @@ class MixedKVLayer(CacheLayerMixin):
         k_side, v_side, keys, values = self._parts()
         keep = max(0, self.get_seq_length() - n)
         stored = self.stored_tokens
-        if keep >= stored:
+        s = min(self.fmt.sink, keys.shape[-2])  # sequence: [0, s) sinks, [s, s + stored) packed, then residual
+        if keep >= s + stored:
             self.keys, self.values = keys[..., : keep - stored, :], values[..., : keep - stored, :]
             return
-        boundary = keep // self.flush_unit * self.flush_unit
+        if keep <= s:
+            k_side.truncate(0)
+            v_side.truncate(0)
+            self.keys, self.values = keys[..., :keep, :].clone(), values[..., :keep, :].clone()
+            return
+        boundary = (keep - s) // self.flush_unit * self.flush_unit  # in packed-storage tokens
         tail_k = k_side.read(self.dtype, boundary, stored)
         tail_v = v_side.read(self.dtype, boundary, stored)
-        assert tail_k is not None and tail_v is not None  # stored > keep >= boundary
+        assert tail_k is not None and tail_v is not None  # stored > keep - s >= boundary
         k_side.truncate(boundary)
         v_side.truncate(boundary)
-        self.keys = tail_k[..., : keep - boundary, :].clone()
-        self.values = tail_v[..., : keep - boundary, :].clone()
+        self.keys = torch.cat([keys[..., :s, :], tail_k[..., : keep - s - boundary, :]], dim=-2)
+        self.values = torch.cat([values[..., :s, :], tail_v[..., : keep - s - boundary, :]], dim=-2)
 
 
 class MixedPrecisionKVCache(Cache):
@@ -340,20 +359,25 @@ def cache_for(model: Any) -> MixedPrecisionKVCache | None:
     return MixedPrecisionKVCache(fmts)
 
 
+# transformers keeps generate's cache in model_kwargs["cache"] from 5.25 on, "past_key_values" before.
+_CACHE_KEYS = ("cache", "past_key_values")
+
+
 def _prepare_cache_with_plan(
     self: Any, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any
 ) -> Any:
     # Let transformers do all its own validation and choices first, then swap in our cache only where it
     # made its *default* one (a plain, non-offloaded DynamicCache) because the caller passed no cache.
-    had_cache = model_kwargs.get("past_key_values") is not None
+    had_cache = any(model_kwargs.get(k) is not None for k in _CACHE_KEYS)
     result = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-    made = model_kwargs.get("past_key_values")
+    key = next((k for k in _CACHE_KEYS if model_kwargs.get(k) is not None), None)
+    made = model_kwargs.get(key) if key else None
     if not had_cache and type(made) is DynamicCache and not made.offloading:
         cache = cache_for(self)
         if cache is not None:
             if getattr(generation_config, "is_assistant", False):
                 cache.activate_past_recording()
-            model_kwargs["past_key_values"] = cache
+            model_kwargs[key] = cache  # type: ignore[index]
     return result
 
 

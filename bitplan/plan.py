@@ -103,6 +103,12 @@ class PlanSummary:
     weight_formats: dict[str, int]  # format string -> parameters stored in it
     act_formats: dict[str, int]  # format string -> layers
     kv_formats: dict[str, int]  # format string -> layers
+    kv_fixed_bytes: float = 0.0  # per sequence on top of kv_bytes_per_token * tokens: 16-bit sink tokens
+
+    def kv_bytes(self, tokens: int, batch: int = 1) -> float:
+        """KV cache bytes at ``batch`` sequences of ``tokens`` tokens (steady state: sinks included, the
+        16-bit tokens of a filling group or recent window excluded)."""
+        return batch * (self.kv_bytes_per_token * tokens + (self.kv_fixed_bytes if tokens > 0 else 0.0))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +120,7 @@ class PlanSummary:
             "weight_formats": self.weight_formats,
             "act_formats": self.act_formats,
             "kv_formats": self.kv_formats,
+            "kv_fixed_bytes": self.kv_fixed_bytes,
         }
 
     def __str__(self) -> str:
@@ -180,6 +187,7 @@ class Plan:
             unit_bits_held = unit_bits
         unit_params = decoder_params + head_params
         kv = sum(layer.kv.bytes_per_token(self.model.num_kv_heads, self.model.head_dim) for layer in self.layers)
+        kv_fixed = sum(layer.kv.fixed_bytes(self.model.num_kv_heads, self.model.head_dim) for layer in self.layers)
         return PlanSummary(
             avg_weight_bits=unit_bits / unit_params if unit_params else 16.0,
             unit_params=unit_params,
@@ -189,6 +197,7 @@ class Plan:
             weight_formats=dict(by_fmt.most_common()),
             act_formats=dict(Counter(str(layer.acts) for layer in self.layers).most_common()),
             kv_formats=dict(Counter(str(layer.kv) for layer in self.layers).most_common()),
+            kv_fixed_bytes=kv_fixed,
         )
 
     # -- validation against a model -------------------------------------------------------------

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from bitplan.errors import DataError
 from bitplan.eval import EvalResult, ReferenceLogProbs, evaluate, kl_divergence, load_tokens
+from bitplan.formats import KVFormat
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260k"
@@ -290,6 +291,26 @@ def test_real_quantized_kv_cache(model: LlamaForCausalLM) -> None:
             assert whole.kl == 0.0  # one pass per window never reads quantized K/V: why chunks exist
     assert kl["k16v16"] == 0.0
     assert 0.0 < kl["k8v8"] < kl["k2v2"]
+
+
+@pytest.mark.parametrize("fmt", ["k3v3s1", "k4v2g16r8s3", "k2v2s40"])
+def test_default_chunks_reproduce_decoding_with_sinks(model: LlamaForCausalLM, fmt: str) -> None:
+    """Sinks shift every flush point by ``sink``: the default layout (a first chunk of ``(sink + recent) mod
+    group`` tokens, then whole groups) must still equal token-by-token decoding, and keeping sinks exact must
+    lower the error of the same format without them."""
+    from bitplan.eval import _chunk_layout
+    from bitplan.kvcache import MixedPrecisionKVCache, install_kv_plan
+
+    toks = torch.randint(0, VOCAB, (256,), generator=torch.Generator().manual_seed(6))
+    n_layers = model.config.num_hidden_layers
+    first, chunk = _chunk_layout(MixedPrecisionKVCache([fmt] * n_layers))
+    f = KVFormat.parse(fmt)
+    assert chunk == f.group_size and first == (f.sink + f.recent) % chunk
+    q = copy.deepcopy(model)
+    install_kv_plan(q, [fmt] * n_layers)
+    auto = evaluate(q, tokens=toks, window=128, reference=model, progress=False)
+    one = evaluate(q, tokens=toks, window=128, reference=model, kv_chunk=1, progress=False)
+    assert auto.kl == pytest.approx(one.kl, rel=1e-4) and auto.kl > 0
 
 
 # ---------------------------------------------------------------------------------------- tokens

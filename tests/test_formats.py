@@ -63,12 +63,25 @@ def test_letters_mean_what_they_suggest() -> None:
     assert not parse_kv("k16v16").is_quantized
     assert parse_kv("k2v2g32") == parse_kv("k2v2")  # 32 is the documented default group
     assert parse_kv("k4v2r128").recent == 128
+    sink = parse_kv("k4v2r128s4")
+    assert (sink.recent, sink.sink, str(sink)) == (128, 4, "k4v2r128s4") and str(parse_kv("k3v3s1")) == "k3v3s1"
+
+
+def test_kv_sink_bytes() -> None:
+    f, plain, ref = parse_kv("k4v2s4"), parse_kv("k4v2"), parse_kv("k16v16")
+    nkv, hd = 3, 64
+    assert f.bytes_per_token(nkv, hd) == plain.bytes_per_token(nkv, hd)  # sinks do not change the rate
+    surplus = ref.bytes_per_token(nkv, hd) - plain.bytes_per_token(nkv, hd)
+    assert f.fixed_bytes(nkv, hd) == 4 * surplus and plain.fixed_bytes(nkv, hd) == 0
+    assert f.bytes_for(nkv, hd, 100) == 100 * plain.bytes_per_token(nkv, hd) + 4 * surplus
+    assert f.bytes_for(nkv, hd, 2) == 2 * ref.bytes_per_token(nkv, hd)  # a 2-token sequence is all sink
+    assert parse_kv("k16v16s4").fixed_bytes(nkv, hd) == 0
 
 
 @pytest.mark.parametrize(
     "text",
     ["", "w4", "w9g64", "w1g64", "w4g60", "w4g0", "W4g64", " w4g64", "w4g64a ", "w4g64b", "nf4g64a", "nf3g64", "fp8g64", "bf32",
-     "a8", "a32", "a8c", "k5v2", "k4", "v4k4", "k4v2g4", "k4v2r-1", "k04v2", "w04g64", "k4v2x"],
+     "a8", "a32", "a8c", "k5v2", "k4", "v4k4", "k4v2g4", "k4v2r-1", "k4v2s", "k4v2s1r8", "k4v2s-1", "k04v2", "w04g64", "k4v2x"],
 )
 def test_bad_strings_fail_with_the_grammar(text: str) -> None:
     with pytest.raises(FormatError) as e:

@@ -66,7 +66,9 @@ def _kv(
 
 
 # -- one layer ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["k4v2", "k2v2g8r8", "k4tv4g8", "k16v4g8r3", "k8v16g16r5"])
+@pytest.mark.parametrize(
+    "fmt", ["k4v2", "k2v2g8r8", "k4tv4g8", "k16v4g8r3", "k8v16g16r5", "k4v3s1", "k2v2g8r8s4", "k16v4g8s3", "k3v3s50"]
+)
 def test_layer_flush_rule_and_returned_states(fmt: str) -> None:
     f = parse_kv(fmt)
     layer = MixedKVLayer(f)
@@ -80,12 +82,15 @@ def test_layer_flush_rule_and_returned_states(fmt: str) -> None:
         k, v = layer.update(k_all[:, :, seen : seen + n], v_all[:, :, seen : seen + n])
         seen += n
         assert k.shape == v.shape == (2, H, seen, D) and layer.get_seq_length() == seen
-        # tokens of this call and the residual come back exact; older ones through storage
-        assert k[:, :, stored_before:].equal(k_all[:, :, stored_before:seen])
-        assert v[:, :, stored_before:].equal(v_all[:, :, stored_before:seen])
+        # the sinks, the tokens of this call and the residual come back exact; the packed ones (tokens
+        # [sink, sink + stored)) through storage, in sequence order
+        s, end = min(f.sink, seen), min(f.sink, seen) + stored_before
+        assert k[:, :, :s].equal(k_all[:, :, :s]) and v[:, :, :s].equal(v_all[:, :, :s])
+        assert k[:, :, end:].equal(k_all[:, :, end:seen])
+        assert v[:, :, end:].equal(v_all[:, :, end:seen])
         if past_k is not None:
-            assert k[:, :, :stored_before].equal(past_k)
-        expect_stored = max(0, seen - f.recent) // unit * unit
+            assert k[:, :, s:end].equal(past_k)
+        expect_stored = max(0, seen - f.sink - f.recent) // unit * unit
         assert (layer.stored_tokens, layer.residual_tokens) == (expect_stored, seen - expect_stored)
     assert layer.get_mask_sizes(3) == (seen + 3, 0) and layer.get_max_length() == -1
 
@@ -97,6 +102,33 @@ def test_layer_storage_is_kivi_quantized() -> None:
     k2, v2 = layer.update(*_kv(1, seed=9))
     assert k2[:, :, :32].equal(fake_quantize_kv(k, 4, "channel", 8))
     assert v2[:, :, :32].equal(fake_quantize_kv(v, 2, "token", 8))
+
+
+def test_sink_tokens_stay_exact_and_groups_align_after_them() -> None:
+    layer = MixedKVLayer("k4v2g8s3")
+    k, v = _kv(3 + 16)
+    layer.update(k, v)  # 3 sinks kept, 16 tokens = 2 whole K groups flushed
+    assert (layer.stored_tokens, layer.residual_tokens) == (16, 3)
+    plain = MixedKVLayer("k4v2g8")  # 19 tokens: 16 packed + 3 residual, the same bytes as 3 sinks + 16 packed
+    plain.update(k, v)
+    assert layer.nbytes == plain.nbytes
+    k2, v2 = layer.update(*_kv(1, seed=9))
+    assert k2[:, :, :3].equal(k[:, :, :3]) and v2[:, :, :3].equal(v[:, :, :3])
+    assert k2[:, :, 3:19].equal(fake_quantize_kv(k[:, :, 3:], 4, "channel", 8))
+    assert v2[:, :, 3:19].equal(fake_quantize_kv(v[:, :, 3:], 2, "token", 8))
+
+
+def test_crop_with_sinks_round_trips_the_sequence() -> None:
+    for keep in (0, 2, 3, 9, 20, 30):
+        layer = MixedKVLayer("k8v8g8s3")
+        k, v = _kv(31)
+        layer.update(k, v)
+        layer.crop(keep - 31)
+        assert layer.get_seq_length() == keep
+        k2, _ = layer.update(*_kv(1, seed=4))
+        assert k2.shape[2] == keep + 1
+        assert k2[:, :, : min(keep, 3)].equal(k[:, :, : min(keep, 3)])  # sinks survive any crop
+        assert keep == 0 or (k2[:, :, :keep] - k[:, :, :keep]).abs().max() < 0.05  # the rest at 8-bit error
 
 
 def test_sixteen_bit_side_is_never_quantized() -> None:

@@ -179,7 +179,7 @@ def predict(
     for kv in plan.kv_formats():
         out["kv"] += idx.kv_delta_ms(context, kv, graph.num_layers)
     s = plan.summary()
-    kv_bytes = int(s.kv_bytes_per_token * batch * context)
+    kv_bytes = int(s.kv_bytes(context, batch))
     widest = max([graph.hidden_size, *(m.out_features for u in units.values() for m in u.members)])
     dtype_bytes = 2 if meta.dtype in ("bfloat16", "float16") else 4
     workspace = 2 * batch * meta.chunk * widest * dtype_bytes + 4 * batch * graph.vocab_size

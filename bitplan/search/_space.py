@@ -48,6 +48,7 @@ class Option:
     storage_bits: float = 0.0  # weight: exact stored bits of the decision's units (codes, scales, offsets)
     kv_bytes_per_token: float = 0.0  # kv: steady-state bytes per token over the decision's layers
     nominal_bits: float = 16.0  # weight: bits per weight incl. scales; act: bits; kv: (K bits + V bits) / 2
+    kv_fixed_bytes: float = 0.0  # kv: bytes per sequence on top of the per-token ones (16-bit sink tokens)
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,8 @@ class SearchSpace:
                 for label in labels:
                     kvf = parse_kv(label)
                     s = sum(scores[("kv", f"layers.{i}.kv", label)] for i in layers)
-                    opts.append(Option(label, s, 0.0, len(layers) * kvf.bytes_per_token(nkv, hd), (kvf.k_bits + kvf.v_bits) / 2))
+                    opts.append(Option(label, s, 0.0, len(layers) * kvf.bytes_per_token(nkv, hd), (kvf.k_bits + kvf.v_bits) / 2,
+                                       len(layers) * kvf.fixed_bytes(nkv, hd)))
                 opts[1:] = sorted(opts[1:], key=lambda o: (-o.kv_bytes_per_token, o.score, o.label))
                 name = f"layers.{_ranges(layers)}.kv"
                 decisions.append(Decision(name, "kv", tuple(layers), options=tuple(opts)))
@@ -226,7 +228,7 @@ class SearchSpace:
             get = {
                 "score": lambda d, o: o.score,
                 "storage_bits": lambda d, o: o.storage_bits,
-                "kv_bytes": lambda d, o: o.kv_bytes_per_token * self.batch * self.context,
+                "kv_bytes": lambda d, o: (o.kv_bytes_per_token * self.context + o.kv_fixed_bytes) * self.batch,
                 "kv_bits": lambda d, o: o.nominal_bits * len(d.layers) if d.kind == "kv" else 0.0,
             }[name]
             self._arrays[name] = [np.array([get(d, o) for o in d.options], dtype=np.float64) for d in self.decisions]

@@ -9,13 +9,14 @@ scored: they are the reference (score 0 by definition).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from bitplan.errors import FormatError
 from bitplan.formats import ActFormat, KVFormat, WeightFormat, parse_act, parse_kv, parse_weight
 
-__all__ = ["Candidates", "WeightOption", "parse_weight_option"]
+__all__ = ["Candidates", "WeightOption", "parse_kv_set", "parse_weight_option"]
 
 DEFAULT_WEIGHTS = ("w8g64a", "w4g64a", "w4g32a", "w3g64a", "w3g32a", "w2g64a")
 DEFAULT_ACTS = ("a8t", "a4t")
@@ -41,10 +42,22 @@ def parse_weight_option(text: str, default_method: str = "rtn") -> WeightOption:
     return WeightOption(parse_weight(fmt), method or default_method)
 
 
-def _kv_pairs(bits: Iterable[int]) -> tuple[KVFormat, ...]:
-    """Every (K bits, V bits) pair of a bit set, except the unquantized k16v16 reference."""
+def _kv_pairs(bits: Iterable[int], tail: str = "") -> tuple[KVFormat, ...]:
+    """Every (K bits, V bits) pair of a bit set, except the unquantized k16v16 reference; ``tail`` is a KV
+    format's optional suffix (``g16``, ``r128``, ``s1``) given to every pair."""
     bits = sorted(set(bits))
-    return tuple(KVFormat(k, v) for k in bits for v in bits if k < 16 or v < 16)
+    return tuple(parse_kv(f"k{k}v{v}{tail}") for k in bits for v in bits if k < 16 or v < 16)
+
+
+_BIT_SET = re.compile(r"([0-9]+(?:,[0-9]+)*)((?:g[0-9]+)?(?:r[0-9]+)?(?:s[0-9]+)?)")
+
+
+def parse_kv_set(item: str) -> tuple[KVFormat, ...]:
+    """One ``--kv`` entry: a KV format (``k4v2``), or a bit set (``2,4,8``: every K x V pair of it) with an
+    optional format suffix for all its pairs (``2,3,4,8s1``: the same pairs, each keeping 1 sink token)."""
+    if m := _BIT_SET.fullmatch(item):
+        return _kv_pairs((int(b) for b in m.group(1).split(",")), m.group(2))
+    return (parse_kv(item),)
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,8 @@ class Candidates:
     ) -> Candidates:
         """From strings; ``None`` keeps the default list, an empty list scores nothing of that kind.
 
-        ``kv`` entries are KV formats (``k4v2``) or a bit set like ``2,4,8`` meaning all K x V pairs.
+        ``kv`` entries are KV formats (``k4v2``) or a bit set like ``2,4,8`` meaning all K x V pairs, with
+        an optional format suffix for every pair (``2,3,4,8s1``), see :func:`parse_kv_set`.
         """
         default = cls()
         w = default.weights if weights is None else tuple(parse_weight_option(s, method) for s in weights)
@@ -85,10 +99,7 @@ class Candidates:
         else:
             pairs: list[KVFormat] = []
             for item in kv:
-                if item.replace(",", "").isdigit():
-                    pairs.extend(_kv_pairs(int(b) for b in item.split(",")))
-                else:
-                    pairs.append(parse_kv(item))
+                pairs.extend(parse_kv_set(item))
             k = tuple(dict.fromkeys(pairs))
         return cls(w, a, k)
 

@@ -8,20 +8,21 @@ cost 16x a plain pass at ``c = 32``; this module gets the same numbers from one 
 
 Why one pass is exact
 ---------------------
-* **Which tokens are flushed is a pure function of the query position.** The cache flushes after each
-  update once its residual holds ``recent + u`` tokens (``u`` = the group size when a quantized side is
-  per-channel, else 1), always a multiple of ``u`` tokens. Starting empty, the stored count before the chunk
-  that starts at token ``s`` is therefore ``S = max(0, floor((s - recent) / u) * u)`` (induction: the count
-  stays a multiple of ``u`` and only grows), see :func:`stored_before`.
+* **Which tokens are flushed is a pure function of the query position.** The first ``sink`` tokens never
+  leave the 16-bit buffer; the cache flushes after each update once the residual behind them holds
+  ``recent + u`` tokens (``u`` = the group size when a quantized side is per-channel, else 1), always a
+  multiple of ``u`` tokens. Starting empty, the stored count before the chunk that starts at token ``s`` is
+  therefore ``S = max(0, floor((s - sink - recent) / u) * u)`` (induction: the count stays a multiple of
+  ``u`` and only grows), and the stored tokens are ``[sink, sink + S)``, see :func:`stored_before`.
 * **A token's quantized value does not depend on when it was flushed.** Per-token sides quantize each token
-  alone; per-channel sides quantize groups of ``g`` consecutive tokens, and every flush starts at a multiple
-  of ``u = g``, so groups always cover ``[k g, (k+1) g)``. Fake-quantizing the whole window's K (or V) once,
-  group-aligned from token 0, gives every flushed token exactly the value the cache would decode for it
-  (same :func:`~bitplan.quantizers.kv.quantize_kv` arithmetic, per batch row and head).
+  alone; per-channel sides quantize groups of ``g`` consecutive tokens, and every flush starts at ``sink``
+  plus a multiple of ``u = g``, so groups always cover ``sink + [k g, (k+1) g)``. Fake-quantizing the whole
+  window's K (or V) once, group-aligned from token ``sink``, gives every flushed token exactly the value the
+  cache would decode for it (same :func:`~bitplan.quantizers.kv.quantize_kv` arithmetic, per row and head).
 * **So attention is a masked two-part attention.** The target layer sees keys ``[K_q; K]`` and values
   ``[V_q; V]`` (``2T`` keys), and query ``i`` may see key ``t <= i`` through the quantized copy iff
-  ``t < S(i)`` and through the exact copy otherwise (:func:`two_part_mask`). Softmax over the union equals
-  softmax over the one key set the chunked cache hands to attention, because each key appears once.
+  ``sink <= t < sink + S(i)`` and through the exact copy otherwise (:func:`two_part_mask`). Softmax over the
+  union equals softmax over the one key set the chunked cache hands to attention: each key appears once.
 
 The two-part keys enter through the layer's own ``past_key_values.update`` call (:class:`TwoPartKV`, a
 duck-typed cache given to that one layer only) together with an explicit attention mask, so no attention
@@ -42,7 +43,10 @@ from torch import Tensor
 from bitplan.formats import KVFormat
 from bitplan.quantizers.kv import fake_quantize_kv
 
-__all__ = ["TwoPartKV", "chunked_head_inputs", "eval_chunk", "flush_unit", "stored_before", "two_part_mask"]
+__all__ = [
+    "TwoPartKV", "chunked_head_inputs", "eval_chunk", "eval_chunk_layout", "flush_unit", "stored_before",
+    "two_part_mask",
+]  # fmt: skip
 
 
 def flush_unit(fmt: KVFormat) -> int:
@@ -53,21 +57,30 @@ def flush_unit(fmt: KVFormat) -> int:
 
 
 def eval_chunk(fmt: KVFormat) -> int:
-    """Tokens per forward pass :func:`bitplan.eval.evaluate` uses when only one layer is quantized with ``fmt``."""
-    from bitplan.eval import _auto_chunk
+    """Tokens per forward pass :func:`bitplan.eval.evaluate` uses when only one layer is quantized with ``fmt``
+    (after a first chunk of :func:`eval_chunk_layout` ``[0]`` tokens, if any)."""
+    return eval_chunk_layout(fmt)[1]
+
+
+def eval_chunk_layout(fmt: KVFormat) -> tuple[int, int]:
+    """``(first, chunk)`` of :func:`bitplan.eval._chunk_layout` when only one layer is quantized with ``fmt``."""
+    from bitplan.eval import _chunk_layout
     from bitplan.kvcache import MixedKVLayer
 
-    return int(_auto_chunk(SimpleNamespace(layers=[MixedKVLayer(fmt)])))
+    first, chunk = _chunk_layout(SimpleNamespace(layers=[MixedKVLayer(fmt)]))
+    return int(first), int(chunk)
 
 
 def stored_before(fmt: KVFormat, window: int, chunk: int | None = None) -> Tensor:
-    """``S[i]``: tokens in packed storage when the chunk holding query ``i`` is fed (int64 ``[window]``)."""
-    c = eval_chunk(fmt) if chunk is None else int(chunk)
+    """``S[i]``: tokens in packed storage (tokens ``[sink, sink + S[i])``) when the chunk holding query ``i``
+    is fed (int64 ``[window]``); ``chunk=None`` is evaluate's default layout, an int plain ``chunk``-token steps."""
+    first, c = eval_chunk_layout(fmt) if chunk is None else (0, int(chunk))
     if c < 1:
         raise ValueError(f"chunk must be at least 1 token, got {c}")
     u = flush_unit(fmt)
-    start = torch.arange(window) // c * c
-    return (start - fmt.recent).clamp_min(0) // u * u
+    i = torch.arange(window)
+    start = torch.where(i < first, 0, first + (i - first) // c * c) if first else i // c * c
+    return (start - fmt.sink - fmt.recent).clamp_min(0) // u * u
 
 
 def _allowed(mask: Tensor | None, q_len: int, device: torch.device) -> Tensor:
@@ -80,11 +93,18 @@ def _allowed(mask: Tensor | None, q_len: int, device: torch.device) -> Tensor:
 
 
 def two_part_mask(
-    stored: Sequence[Tensor], base: Tensor | None, q_len: int, *, per: int, dtype: torch.dtype
+    stored: Sequence[Tensor],
+    base: Tensor | None,
+    q_len: int,
+    *,
+    per: int,
+    dtype: torch.dtype,
+    sinks: Sequence[int] | None = None,
 ) -> Tensor:
     """Mask ``[len(stored) * per (or 1), 1, T, 2T]`` over keys ``[K_q; K]`` (see the module docstring).
 
-    ``stored[f]`` is :func:`stored_before` of format ``f`` (its batch rows are ``f*per .. (f+1)*per``); ``base``
+    ``stored[f]`` is :func:`stored_before` of format ``f`` (its batch rows are ``f*per .. (f+1)*per``) and
+    ``sinks[f]`` its sink tokens (default none); ``base``
     is the mask the model built for this layer (bool, additive float or ``None`` for causal), whose pattern is
     kept (sliding windows, padding). The result has ``base``'s kind: additive float in ``dtype`` for a float
     mask (eager attention), else boolean (sdpa; ``None`` means sdpa's own causal path).
@@ -93,8 +113,9 @@ def two_part_mask(
     allowed = _allowed(base, q_len, device)
     t = torch.arange(q_len, device=device)
     parts = []
-    for s in stored:
-        quant = (t[None, :] < s.to(t)[:, None])[None, None]  # [1, 1, T, T]: key t read from packed storage
+    for f, s in enumerate(stored):
+        lo = int(sinks[f]) if sinks is not None else 0
+        quant = ((t[None, :] >= lo) & (t[None, :] < lo + s.to(t)[:, None]))[None, None]  # [1,1,T,T]: packed key
         m = torch.cat([allowed & quant, allowed & ~quant], dim=-1)
         parts.append(m.expand(per, *m.shape[1:]) if len(stored) > 1 else m)  # m has batch 1 or per
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -107,16 +128,19 @@ def two_part_mask(
 def _fake_side(x: Tensor, fmt: KVFormat, which: str) -> Tensor:
     """``x [B,H,T,D]`` as the cache would decode it once flushed (16-bit sides and partial groups exact)."""
     bits, axis = fmt.side(which)  # type: ignore[arg-type]
-    if bits == 16:
+    if bits == 16 or x.shape[2] <= fmt.sink:
         return x
+    sink, body = x[:, :, : fmt.sink], x[:, :, fmt.sink :]  # sinks stay exact; groups align after them
     g = fmt.effective_group(which, x.shape[-1])  # type: ignore[arg-type]
     if axis == "token":
-        return fake_quantize_kv(x, bits, "token", g)
-    n = x.shape[2] // g * g  # per-channel: only whole groups are ever flushed (module docstring)
-    if n == 0:
-        return x
-    head = fake_quantize_kv(x[:, :, :n], bits, "channel", g)
-    return head if n == x.shape[2] else torch.cat([head, x[:, :, n:]], dim=2)
+        out = fake_quantize_kv(body, bits, "token", g)
+    else:
+        n = body.shape[2] // g * g  # per-channel: only whole groups are ever flushed (module docstring)
+        if n == 0:
+            return x
+        head = fake_quantize_kv(body[:, :, :n], bits, "channel", g)
+        out = head if n == body.shape[2] else torch.cat([head, body[:, :, n:]], dim=2)
+    return out if not fmt.sink else torch.cat([sink, out], dim=2)
 
 
 class TwoPartKV:
@@ -162,6 +186,7 @@ def chunked_head_inputs(
     For each format, a fresh :class:`~bitplan.kvcache.MixedPrecisionKVCache` quantizing only ``layer`` is fed
     the windows chunk by chunk; returns the head inputs ``[len(fmts) * b, T, d]`` (format-major).
     """
+    from bitplan.eval import _chunk_spans
     from bitplan.kvcache import MixedPrecisionKVCache
 
     outs: list[Tensor] = []
@@ -170,10 +195,10 @@ def chunked_head_inputs(
     try:
         for fmt in fmts:
             cache = MixedPrecisionKVCache([fmt if i == layer else KVFormat() for i in range(num_layers)])
-            c = eval_chunk(fmt) if chunk is None else chunk
+            first, c = eval_chunk_layout(fmt) if chunk is None else (0, chunk)
             outs.clear()
-            for s in range(0, ids.shape[1], c):
-                model(ids[:, s : s + c], past_key_values=cache, use_cache=True)
+            for s, e in _chunk_spans(ids.shape[1], first, c):
+                model(ids[:, s:e], past_key_values=cache, use_cache=True)
             parts.append(torch.cat(outs, dim=1))
     finally:
         handle.remove()

@@ -13,7 +13,7 @@ work, none changes a number (beyond float rounding):
   the captured arguments: the modules, inputs and keywords of the model's own forward. This is *checked* on
   the first batch (replaying all layers must give the reference head input bit for bit); a model that fails
   falls back to full forward passes. Llama, Qwen2 and Mistral replay (so do GPT-2 and GPT-NeoX, except KV:
-  their layers take no ``past_key_values`` keyword, so their KV rows run the real chunked cache).
+  their layers take no ``cache`` / ``past_key_values`` keyword, so their KV rows run the real chunked cache).
 * **Logit differences through the head.** With ``q = softmax(log p + dz)``, ``KL(p||q) = log sum_v p_v e^dz_v
   - sum_v p_v dz_v`` and ``NLL_q - NLL_ref = log sum_v p_v e^dz_v - dz_y``, where ``dz = W (h - h_ref)`` (a head
   bias cancels). The reference probabilities ``p`` (fp32 logits of the reference head input) are stored once,
@@ -64,12 +64,14 @@ from tqdm import tqdm
 from bitplan.errors import ModelError
 from bitplan.formats import ActFormat, KVFormat
 from bitplan.graph import Granularity, ModelGraph, Unit, build_graph
+from bitplan.loading import _param_device, compute_dtype_for
 from bitplan.quantizers import fake_quantize_act, get_weight_quantizer
 from bitplan.sensitivity._calib import CalibData
 from bitplan.sensitivity._candidates import Candidates, WeightOption
 from bitplan.sensitivity._kvattn import TwoPartKV, chunked_head_inputs, stored_before, two_part_mask
 from bitplan.sensitivity._rows import Kind, ScoreRow
 
+_CACHE_KWARGS = ("cache", "past_key_values")  # a decoder layer's cache keyword, newest transformers first
 __all__ = ["measured_scores"]
 
 _log = logging.getLogger("bitplan")
@@ -210,11 +212,10 @@ class _Engine:
             b0 = self.batches[0]
             self._reduce(torch.zeros_like(b0.p[:17], dtype=dtype), b0.p[:17], b0.s[:17], b0.targets[:17])
         attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        self.kv_fast = (
-            self.reuse
-            and attn in ("sdpa", "eager")
-            and all("past_key_values" in kw for _, kw in self.batches[0].calls)
-        )
+        # transformers >= 5.25 hands decoder layers their cache as ``cache``, older ones as ``past_key_values``
+        keys = [next((k for k in _CACHE_KWARGS if k in kw), None) for _, kw in self.batches[0].calls]
+        self.cache_kwarg = keys[0] if keys and all(k == keys[0] for k in keys) else None
+        self.kv_fast = self.reuse and attn in ("sdpa", "eager") and self.cache_kwarg is not None
 
     def _head_weight(self) -> Tensor:
         w = cast(Tensor, self.head.weight)
@@ -289,9 +290,10 @@ class _Engine:
             if kv is not None and i == kv[0]:
                 stored = [stored_before(f, self.window, kv[2]).to(self.device) for f in kv[1]]
                 mask = two_part_mask(
-                    stored, batch.calls[i][1].get("attention_mask"), self.window, per=b, dtype=h.dtype
+                    stored, batch.calls[i][1].get("attention_mask"), self.window, per=b, dtype=h.dtype,
+                    sinks=[f.sink for f in kv[1]],
                 )
-                kwargs = {**kwargs, "past_key_values": TwoPartKV(kv[1], b), "attention_mask": mask}
+                kwargs = {**kwargs, self.cache_kwarg: TwoPartKV(kv[1], b), "attention_mask": mask}
             out_i = self.layers[i](h, *args, **kwargs)
             h = out_i[0] if isinstance(out_i, (tuple, list)) else out_i
         h = cast(nn.Module, self.norm)(h)
@@ -423,7 +425,7 @@ def measured_scores(
     kinds: Sequence[str] = ("weight", "act", "kv"),
     granularity: Granularity = "fused",
     batch_size: int = 4,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     skip: Skip = (),
     on_rows: Callable[[list[ScoreRow]], None] | None = None,
     progress: bool = True,
@@ -458,6 +460,7 @@ def measured_scores(
             f"unknown kinds {sorted(set(kinds) - {'weight', 'act', 'kv'})}; expected weight, act, kv"
         )
     graph = build_graph(model)
+    dtype = dtype or compute_dtype_for(_param_device(model))
     for fmt in candidates.kv if "kv" in kinds else ():
         fmt.check_applicable(graph.head_dim)
     keys = None if callable(skip) else set(skip)
@@ -543,7 +546,7 @@ def _run_group(engine: _Engine, g: _Group, originals: dict[int, Tensor], kv_chun
             spec = (g.layer, fmts, kv_chunk)
             if engine.kv_fast or not engine.reuse:
                 results = engine.measure(g.layer, spec)
-            else:  # layers replay but take no past_key_values keyword: the real cache on full forwards
+            else:  # layers replay but take no cache keyword: the real cache on full forwards
                 engine.reuse = False
                 try:
                     results = engine.measure(0, spec)

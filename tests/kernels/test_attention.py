@@ -89,6 +89,7 @@ def test_half_precision(triton_mod, dtype: torch.dtype) -> None:
         (1, 8, 40, "k4v3g8"),  # GQA 8, per-token group 8 of a 40-wide head
         (2, 4, 64, "k4tv4cg32"),  # axes swapped: K per token, V per channel
         (2, 4, 64, "k2v2g128r16"),  # per-channel group larger than a token block
+        (2, 4, 64, "k3v3g32s4"),  # 4 sink tokens ahead of the residual in the 16-bit buffer
     ],
 )
 def test_shapes_and_layouts(triton_mod, hkv: int, hq: int, d: int, fmt: str) -> None:
@@ -97,6 +98,19 @@ def test_shapes_and_layouts(triton_mod, hkv: int, hq: int, d: int, fmt: str) -> 
     q = torch.randn(2, hq, 1, d)
     _compare(q, layer, seed, num_splits=None)
     _compare(q, layer, seed, num_splits=4, scale=0.3)
+
+
+def test_reference_reads_sinks_like_the_sequence_order_cache() -> None:
+    """The 16-bit buffer holds the sinks ahead of the residual, so the layer's bytes are in the order
+    [packed, sinks, residual]; attention must equal attention over what ``update`` returns in sequence order."""
+    layer = MixedKVLayer(KVFormat.parse("k3v2g8s2"))
+    layer.update(torch.randn(1, 2, 37, 16), torch.randn(1, 2, 37, 16))
+    k, v = layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+    assert layer.stored_tokens == 32 and layer.residual_tokens == 2 + 4
+    q = torch.randn(1, 4, 1, 16)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    want = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+    torch.testing.assert_close(reference_decode_attention(q, layer), want, rtol=1e-5, atol=1e-5)
 
 
 def test_residual_only_and_dynamic_layer(triton_mod) -> None:
