@@ -26,7 +26,7 @@ log-softmax (in float32) is reduced to a few scalars before the next window (the
 
 Quantized KV cache: if :mod:`bitplan.kvcache` provides ``cache_for(model)`` and it returns a cache
 object, each batch of windows gets a fresh cache and is fed through it in chunks,
-``model(chunk, past_key_values=cache, use_cache=True)``. The windows are still scored alone (same
+``model(chunk, cache=cache, use_cache=True)`` (``past_key_values=`` before transformers 5.25). The windows are still scored alone (same
 tokens, same accounting), but each chunk reads the earlier part of its window through the
 (fake-)quantized K/V, as decoding does (KIVI protocol). The chunking is what makes KV quantization
 visible at all: the cache hands the tokens of the *current* forward pass to attention exactly, so one
@@ -43,6 +43,7 @@ rather than one forward pass per token. With an exact cache the chunked logits e
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import sys
 import time
@@ -274,6 +275,16 @@ def _auto_chunk(cache: Any) -> int:
     return _chunk_layout(cache)[1]
 
 
+def cache_kwarg(model: Any) -> str:
+    """The keyword a causal LM's ``forward`` takes its cache by: ``cache`` (transformers >= 5.25, which
+    deprecates the old name) or ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _logits(
     model: Any, ids: torch.Tensor, cache_for: Callable[[Any], Any] | None, kv_chunk: int | None
 ) -> torch.Tensor:
@@ -284,8 +295,8 @@ def _logits(
         return model(ids, use_cache=False).logits
     # fresh quantized KV cache, fed chunk by chunk: later chunks read the fake-quantized past K/V
     first, chunk = (0, kv_chunk) if kv_chunk is not None else _chunk_layout(cache)
-    spans = _chunk_spans(ids.shape[1], first, chunk)
-    parts = [model(ids[:, s:e], past_key_values=cache, use_cache=True).logits for s, e in spans]
+    kw = cache_kwarg(model)
+    parts = [model(ids[:, s:e], **{kw: cache}, use_cache=True).logits for s, e in _chunk_spans(ids.shape[1], first, chunk)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

@@ -246,7 +246,7 @@ def test_kv_cache_hook_is_used_per_batch(
         return cache
 
     def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("past_key_values") is not None:
+        if kwargs.get("cache", kwargs.get("past_key_values")) is not None:
             ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
             seen.append(ids.shape[1])
 

@@ -186,7 +186,7 @@ def chunked_head_inputs(
     For each format, a fresh :class:`~bitplan.kvcache.MixedPrecisionKVCache` quantizing only ``layer`` is fed
     the windows chunk by chunk; returns the head inputs ``[len(fmts) * b, T, d]`` (format-major).
     """
-    from bitplan.eval import _chunk_spans
+    from bitplan.eval import _chunk_spans, cache_kwarg
     from bitplan.kvcache import MixedPrecisionKVCache
 
     outs: list[Tensor] = []
@@ -198,7 +198,7 @@ def chunked_head_inputs(
             first, c = eval_chunk_layout(fmt) if chunk is None else (0, chunk)
             outs.clear()
             for s, e in _chunk_spans(ids.shape[1], first, c):
-                model(ids[:, s:e], past_key_values=cache, use_cache=True)
+                model(ids[:, s:e], **{cache_kwarg(model): cache}, use_cache=True)
             parts.append(torch.cat(outs, dim=1))
     finally:
         handle.remove()
