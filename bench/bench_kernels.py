@@ -24,8 +24,6 @@ Parts (each writes its own section of bench/RESULTS.md):
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -38,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _proc import rss_bytes, trim  # noqa: E402
 from _results import stamp, write_section  # noqa: E402
 
 import bitplan  # noqa: E402
@@ -181,7 +180,7 @@ def part_micro(args: argparse.Namespace) -> None:
             print(f"{sname:24s} {label:32s} " + "  ".join(f"M={m}: {res[(label, sname, m)]:8.3f} ms" for m in ms)
                   + f"   ({count} buffers, {time.perf_counter() - t0:.0f}s)", flush=True)
             del bufs, buf
-            gc.collect()
+            trim()
     body = render_micro(res, bits, shapes, ms, entries, pool, args)
     print(body)
     if not args.dry_run:
@@ -225,21 +224,6 @@ def render_micro(res, bits, shapes, ms, entries, pool, args) -> str:  # type: ig
 PROMPT = "The history of the printing press begins"
 
 
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def e2e_worker(row: str, args: argparse.Namespace) -> dict:
     from bitplan.apply import held_weight_bytes, kernel_counts
     from bitplan.graph import build_graph
@@ -248,7 +232,7 @@ def e2e_worker(row: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     tok = bitplan.load_tokenizer(args.model)
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    _trim()
+    trim()
     rss0 = rss_bytes()
     model = bitplan.load_model(args.model, dtype=torch.float32)
     graph = build_graph(model)
@@ -260,7 +244,7 @@ def e2e_worker(row: str, args: argparse.Namespace) -> dict:
         bitplan.apply_plan(model, plan, kernels=args.policy)
     if row == "bf16" or row.endswith("+bf16"):
         model.to(torch.bfloat16)
-    _trim()
+    trim()
     rss1 = rss_bytes()
 
     def unit_bytes(path: str) -> int:
