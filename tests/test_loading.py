@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel, T5Config
 
 from bitplan.errors import ModelError
 from bitplan.graph import build_graph, model_fingerprint
-from bitplan.loading import load_model, load_tokenizer, parse_dtype
+from bitplan.loading import compute_dtype_for, has_fast_bf16, load_model, load_tokenizer, parse_dtype
 
 
 def _error(*args: Any, **kwargs: Any) -> str:
@@ -37,6 +37,15 @@ def test_parse_dtype_rejects() -> None:
     for bad in ("int8", "fp64", torch.int8):
         with pytest.raises(ModelError):
             parse_dtype(bad)
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "fast"), [(False, False, False), (True, False, True), (False, True, True)])
+def test_compute_dtype_is_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch, amx: bool, avx512_bf16: bool, fast: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert has_fast_bf16("cpu") is fast
+    assert compute_dtype_for("cpu") == (torch.bfloat16 if fast else torch.float32)
+    assert not has_fast_bf16("meta")
 
 
 def test_load_tiny(tiny_model_path: Path) -> None:
