@@ -192,7 +192,6 @@ def part_kv(model, tok, args) -> None:
         f"{args.trials} trials; picked by measured KL on {args.verify_tokens} held-out calibration tokens",
         f"- test: first {ev.ids.numel()} tokens of `wikitext-2-raw-test.txt`; 16-bit KV ppl {base_ppl:.3f}; goal: at 3.25 bits within 1%",
         "- uniform: " + ", ".join(f"{k} ppl {v[0]:.3f}" for k, v in uniform.items()),
-        "",
         f"- KV bytes/token: the whole cache at {args.window} tokens (scales, offsets and sink tokens included) / {args.window}; "
         f"16-bit: {bitplan.uniform_plan(model, 'bf16').summary().kv_bytes_per_token:.0f}",
         "",
