@@ -9,8 +9,9 @@ Contexts between or beyond the measured ones are interpolated linearly (attentio
 cached tokens). The kernel per linear is chosen as ``apply_plan`` chooses it with this profile's
 latencies (``kernel_latency``): the fastest measured kernel that holds the plan's bytes under ``auto``.
 
-Memory: the plan's exact held weight bytes, its KV bytes at ``batch`` x ``context``, and a workspace
-estimate (one prefill chunk's widest activation twice, plus fp32 logits) for the peak.
+Memory: the plan's exact held weight bytes (unquantized tensors at the profiled model's dtype: 4 bytes in a
+float32 model), its KV bytes at ``batch`` x ``context``, and a workspace estimate (one prefill chunk's widest
+activation twice, plus fp32 logits) for the peak.
 """
 
 from __future__ import annotations
@@ -182,9 +183,14 @@ def predict(
     kv_bytes = int(s.kv_bytes(context, batch))
     widest = max([graph.hidden_size, *(m.out_features for u in units.values() for m in u.members)])
     dtype_bytes = 2 if meta.dtype in ("bfloat16", "float16") else 4
+    # the summary counts unquantized tensors at 16 bits; a model run in float32 holds them at 4 bytes
+    unquantized = graph.total_params - s.unit_params + sum(
+        n for f, n in s.weight_formats.items() if not parse_weight(f).is_quantized
+    )
+    weight_bytes = s.weight_bytes + (dtype_bytes - 2) * unquantized
     workspace = 2 * batch * meta.chunk * widest * dtype_bytes + 4 * batch * graph.vocab_size
     return Prediction(
-        weight_bytes=s.weight_bytes, kv_bytes=kv_bytes, peak_bytes=s.weight_bytes + kv_bytes + workspace,
+        weight_bytes=weight_bytes, kv_bytes=kv_bytes, peak_bytes=weight_bytes + kv_bytes + workspace,
         decode_ms=sum(out.values()), prefill_ms=prefill, batch=batch, context=context, breakdown=out,
         kernels=dict(sorted(kernels_used.items())),
     )  # fmt: skip
