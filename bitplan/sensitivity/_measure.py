@@ -293,6 +293,7 @@ class _Engine:
                     stored, batch.calls[i][1].get("attention_mask"), self.window, per=b, dtype=h.dtype,
                     sinks=[f.sink for f in kv[1]],
                 )
+                assert self.cache_kwarg is not None  # kv_fast: every layer call takes it
                 kwargs = {**kwargs, self.cache_kwarg: TwoPartKV(kv[1], b), "attention_mask": mask}
             out_i = self.layers[i](h, *args, **kwargs)
             h = out_i[0] if isinstance(out_i, (tuple, list)) else out_i
