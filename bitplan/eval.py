@@ -43,7 +43,6 @@ rather than one forward pass per token. With an exact cache the chunked logits e
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import sys
 import time
@@ -56,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 from bitplan.errors import DataError, ModelError
+from bitplan.loading import _param_device, cache_kwarg
 
 __all__ = ["EvalResult", "ReferenceLogProbs", "evaluate", "kl_divergence", "load_tokens"]
 
@@ -231,13 +231,6 @@ def _default_tokenizer(model: Any) -> Any:
         raise ModelError(f"cannot load the tokenizer of {name}: {msg}") from None
 
 
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
 def _chunk_layout(cache: Any) -> tuple[int, int]:
     """``(first, chunk)``: feeding a first chunk of ``first`` tokens (none if 0), then chunks of ``chunk``,
     reproduces token-by-token decoding through ``cache`` (``chunk`` at least 8 tokens).
@@ -270,26 +263,11 @@ def _chunk_spans(n: int, first: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(e, n)) for s, e in zip(starts, [*starts[1:], n], strict=True)]
 
 
-def _auto_chunk(cache: Any) -> int:
-    """The chunk size of :func:`_chunk_layout` (kept for callers that only need the step)."""
-    return _chunk_layout(cache)[1]
-
-
-def cache_kwarg(model: Any) -> str:
-    """The keyword a causal LM's ``forward`` takes its cache by: ``cache`` (transformers >= 5.25, which
-    deprecates the old name) or ``past_key_values``."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError, AttributeError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _logits(
     model: Any, ids: torch.Tensor, cache_for: Callable[[Any], Any] | None, kv_chunk: int | None
 ) -> torch.Tensor:
     """Logits ``[batch, window, vocab]`` of one batch of windows, each scored from an empty context."""
-    ids = ids.to(_device(model))
+    ids = ids.to(_param_device(model))
     cache = cache_for(model) if cache_for is not None else None
     if cache is None:
         return model(ids, use_cache=False).logits
@@ -321,7 +299,7 @@ class ReferenceLogProbs:
         self.logp: list[torch.Tensor] = []
         with torch.inference_mode():
             for b in tqdm(range(0, n, batch_size), desc="reference", file=sys.stderr, disable=not progress, leave=False):
-                logits = model(self.windows[b : b + batch_size].to(_device(model)), use_cache=False).logits
+                logits = model(self.windows[b : b + batch_size].to(_param_device(model)), use_cache=False).logits
                 self.logp.extend(logits[r, :-1].float().log_softmax(-1).to(dtype).cpu() for r in range(logits.shape[0]))
 
     def get(self, start: int, ids: torch.Tensor) -> list[torch.Tensor]:

@@ -294,9 +294,8 @@ class KVFormat:
         rate plus the sink tokens' 16-bit surplus (the 16-bit waiting tokens of a filling group excluded)."""
         if tokens <= 0:
             return 0.0
-        n_sink = min(self.sink, tokens)
-        rate = self.bytes_per_token(num_kv_heads, head_dim)
-        return tokens * rate + n_sink * (KVFormat().bytes_per_token(num_kv_heads, head_dim) - rate) * self.is_quantized
+        surplus = self.fixed_bytes(num_kv_heads, head_dim)
+        return tokens * self.bytes_per_token(num_kv_heads, head_dim) + (surplus * min(self.sink, tokens) / self.sink if surplus else 0.0)
 
 
 Format = WeightFormat | ActFormat | KVFormat

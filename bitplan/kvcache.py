@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from bitplan.errors import FormatError
 from bitplan.formats import KVFormat, parse_kv
+from bitplan.loading import CACHE_KWARGS
 from bitplan.quantizers.kv import QuantizedKV, cat_kv, dequantize_kv, quantize_kv, slice_kv
 
 __all__ = [
@@ -359,18 +360,14 @@ def cache_for(model: Any) -> MixedPrecisionKVCache | None:
     return MixedPrecisionKVCache(fmts)
 
 
-# transformers keeps generate's cache in model_kwargs["cache"] from 5.25 on, "past_key_values" before.
-_CACHE_KEYS = ("cache", "past_key_values")
-
-
 def _prepare_cache_with_plan(
     self: Any, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any
 ) -> Any:
     # Let transformers do all its own validation and choices first, then swap in our cache only where it
     # made its *default* one (a plain, non-offloaded DynamicCache) because the caller passed no cache.
-    had_cache = any(model_kwargs.get(k) is not None for k in _CACHE_KEYS)
+    had_cache = any(model_kwargs.get(k) is not None for k in CACHE_KWARGS)
     result = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-    key = next((k for k in _CACHE_KEYS if model_kwargs.get(k) is not None), None)
+    key = next((k for k in CACHE_KWARGS if model_kwargs.get(k) is not None), None)
     made = model_kwargs.get(key) if key else None
     if not had_cache and type(made) is DynamicCache and not made.offloading:
         cache = cache_for(self)

@@ -11,6 +11,7 @@ names the bad thing; the CLI prints it as ``error: ...``.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Iterator
@@ -23,7 +24,10 @@ import torch
 from bitplan.errors import ModelError
 from bitplan.graph import config_problem
 
-__all__ = ["DTYPES", "compute_dtype_for", "has_fast_bf16", "load_model", "load_tokenizer", "parse_dtype"]
+__all__ = [
+    "CACHE_KWARGS", "DTYPES", "cache_kwarg", "compute_dtype_for", "has_fast_bf16", "load_model", "load_tokenizer",
+    "parse_dtype",
+]  # fmt: skip
 
 #: dtype names accepted on the command line and in configs.
 DTYPES: dict[str, torch.dtype | str] = {
@@ -68,10 +72,26 @@ def has_fast_bf16(device: torch.device | str = "cpu") -> bool:
 
 
 def _param_device(model: Any) -> torch.device:
+    """Device of ``model``'s first parameter (CPU for a model without parameters)."""
     try:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
         return torch.device("cpu")
+
+
+#: The keyword transformers passes a KV cache by, to a model's ``forward``, to its decoder layers and in
+#: ``generate``'s model kwargs: ``cache`` from transformers 5.25 on (which deprecates the old name), before
+#: that ``past_key_values``. Newest first.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword ``model.forward`` takes its cache by (one of :data:`CACHE_KWARGS`)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return CACHE_KWARGS[-1]
+    return next((k for k in CACHE_KWARGS if k in params), CACHE_KWARGS[-1])
 
 
 def compute_dtype_for(device: torch.device | str = "cpu") -> torch.dtype:

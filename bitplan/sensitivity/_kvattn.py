@@ -186,9 +186,11 @@ def chunked_head_inputs(
     For each format, a fresh :class:`~bitplan.kvcache.MixedPrecisionKVCache` quantizing only ``layer`` is fed
     the windows chunk by chunk; returns the head inputs ``[len(fmts) * b, T, d]`` (format-major).
     """
-    from bitplan.eval import _chunk_spans, cache_kwarg
+    from bitplan.eval import _chunk_spans
     from bitplan.kvcache import MixedPrecisionKVCache
+    from bitplan.loading import cache_kwarg
 
+    kw = cache_kwarg(model)
     outs: list[Tensor] = []
     handle = head.register_forward_pre_hook(lambda m, a: outs.append(a[0].detach()))
     parts = []
@@ -198,7 +200,7 @@ def chunked_head_inputs(
             first, c = eval_chunk_layout(fmt) if chunk is None else (0, chunk)
             outs.clear()
             for s, e in _chunk_spans(ids.shape[1], first, c):
-                model(ids[:, s:e], **{cache_kwarg(model): cache}, use_cache=True)
+                model(ids[:, s:e], **{kw: cache}, use_cache=True)
             parts.append(torch.cat(outs, dim=1))
     finally:
         handle.remove()

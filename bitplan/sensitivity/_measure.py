@@ -64,14 +64,13 @@ from tqdm import tqdm
 from bitplan.errors import ModelError
 from bitplan.formats import ActFormat, KVFormat
 from bitplan.graph import Granularity, ModelGraph, Unit, build_graph
-from bitplan.loading import _param_device, compute_dtype_for
+from bitplan.loading import CACHE_KWARGS, _param_device, compute_dtype_for
 from bitplan.quantizers import fake_quantize_act, get_weight_quantizer
 from bitplan.sensitivity._calib import CalibData
 from bitplan.sensitivity._candidates import Candidates, WeightOption
 from bitplan.sensitivity._kvattn import TwoPartKV, chunked_head_inputs, stored_before, two_part_mask
 from bitplan.sensitivity._rows import Kind, ScoreRow
 
-_CACHE_KWARGS = ("cache", "past_key_values")  # a decoder layer's cache keyword, newest transformers first
 __all__ = ["measured_scores"]
 
 _log = logging.getLogger("bitplan")
@@ -213,7 +212,7 @@ class _Engine:
             self._reduce(torch.zeros_like(b0.p[:17], dtype=dtype), b0.p[:17], b0.s[:17], b0.targets[:17])
         attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
         # transformers >= 5.25 hands decoder layers their cache as ``cache``, older ones as ``past_key_values``
-        keys = [next((k for k in _CACHE_KWARGS if k in kw), None) for _, kw in self.batches[0].calls]
+        keys = [next((k for k in CACHE_KWARGS if k in kw), None) for _, kw in self.batches[0].calls]
         self.cache_kwarg = keys[0] if keys and all(k == keys[0] for k in keys) else None
         self.kv_fast = self.reuse and attn in ("sdpa", "eager") and self.cache_kwarg is not None
 
