@@ -1,9 +1,12 @@
-"""Process helpers shared by the benchmarks that measure memory: resident set size, and giving freed heap back."""
+"""Process helpers shared by the benchmarks: resident set size, giving freed heap back, fresh-process workers."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -26,3 +29,14 @@ def trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
+
+
+def run_worker(cmd: list[str], what: str) -> dict:
+    """Run a benchmark worker in a fresh process (same environment: OMP_WAIT_POLICY ...) and return the JSON
+    object it prints last; on failure show its stderr's tail and stop, naming ``what`` failed."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode or not line:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{what} failed")
+    return json.loads(line[-1])

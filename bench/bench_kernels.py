@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _proc import rss_bytes, trim  # noqa: E402
+from _proc import rss_bytes, run_worker, trim  # noqa: E402
 from _results import stamp, write_section  # noqa: E402
 
 import bitplan  # noqa: E402
@@ -283,12 +282,7 @@ def part_e2e(args: argparse.Namespace) -> None:
     for row in rows:
         cmd = [sys.executable, __file__, "--e2e-worker", row, "--model", args.model, "--tokens", str(args.tokens),
                "--runs", str(args.runs), "--threads", str(args.threads), "--policy", args.policy]
-        done = subprocess.run(cmd, capture_output=True, text=True)  # same environment (OMP_WAIT_POLICY...)
-        line = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-        if done.returncode or not line:
-            print(done.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"e2e row {row} failed")
-        r = json.loads(line[-1])
+        r = run_worker(cmd, f"e2e row {row}")
         results.append(r)
         print(f"{row:14s} {r['tok_s']:6.1f} tok/s  held {r['held'] / 1e6:7.1f} MB  units {r['units'] / 1e6:6.1f} MB  "
               f"RSS +{r['rss_delta'] / 1e6:6.1f} MB  kernels {r['kernels']}", flush=True)

@@ -24,7 +24,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _proc import rss_bytes, trim  # noqa: E402
+from _proc import rss_bytes, run_worker, trim  # noqa: E402
 from _results import stamp, write_section  # noqa: E402
 from bench_core import SHARED, default_model  # noqa: E402
 
@@ -116,12 +115,7 @@ def worker(plan_path: str, args: argparse.Namespace) -> dict:
 def measure(plan_path: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", str(plan_path), "--model", args.model, "--dtype", args.dtype,
            "--tokens", str(args.tokens), "--runs", str(args.runs), "--threads", str(args.threads)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    line = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode or not line:
-        print(done.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"measuring {plan_path} failed")
-    return json.loads(line[-1])
+    return run_worker(cmd, f"measuring {plan_path}")
 
 
 def _err(pred: float, meas: float) -> float:
