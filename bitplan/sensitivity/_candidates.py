@@ -56,7 +56,10 @@ def parse_kv_set(item: str) -> tuple[KVFormat, ...]:
     """One ``--kv`` entry: a KV format (``k4v2``), or a bit set (``2,4,8``: every K x V pair of it) with an
     optional format suffix for all its pairs (``2,3,4,8s1``: the same pairs, each keeping 1 sink token)."""
     if m := _BIT_SET.fullmatch(item):
-        return _kv_pairs((int(b) for b in m.group(1).split(",")), m.group(2))
+        try:
+            return _kv_pairs((int(b) for b in m.group(1).split(",")), m.group(2))
+        except FormatError as e:  # name the user's entry, not the pair it expanded to
+            raise FormatError(f"KV bit set {item!r}: {e}") from None
     return (parse_kv(item),)
 
 

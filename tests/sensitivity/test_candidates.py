@@ -25,6 +25,11 @@ def test_candidates_parse_mixes_sets_and_formats_without_duplicates() -> None:
     assert [str(k) for k in c.kv] == ["k2v2s1", "k2v4s1", "k4v2s1", "k4v4s1", "k8v8"]
 
 
+def test_a_bad_bit_set_is_named_as_given() -> None:
+    with pytest.raises(FormatError, match=r"^KV bit set '2,5s1': invalid KV format 'k2v5s1'"):
+        parse_kv_set("2,5s1")
+
+
 @pytest.mark.parametrize("bad", ["2,5", "2,4x", "2,,4", "s1", "2,4s"])
 def test_bad_kv_sets_fail_with_the_grammar(bad: str) -> None:
     with pytest.raises(FormatError, match="KV"):
