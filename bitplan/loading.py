@@ -60,7 +60,7 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
 
 def has_fast_bf16(device: torch.device | str = "cpu") -> bool:
     """Whether bfloat16 matmuls run natively on ``device``: CUDA with bf16 support, or a CPU with AMX tiles or
-    AVX-512 BF16. Elsewhere (an AVX2-only CPU) torch emulates bf16 GEMMs, measured here ~85x slower than fp32.
+    AVX-512 BF16. Elsewhere (an AVX2-only CPU) torch emulates bf16 GEMMs, measured here over 100x slower than fp32 (bench/RESULTS.md, cpu-bf16).
     Asked at call time, never at import."""
     dev = torch.device(device)
     if dev.type == "cuda":

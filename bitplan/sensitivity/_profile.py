@@ -83,7 +83,7 @@ def profile(
     resumes from the rows it had finished. ``dtype`` is the compute dtype of the scoring passes; by default
     (``None``) bfloat16 where it is native (CUDA, CPUs with AMX or AVX-512 BF16: ~7x faster than float32,
     with a rounding noise floor reported in bench/RESULTS.md), else float32 (an AVX2-only CPU emulates bf16
-    GEMMs ~85x slower than fp32), see :func:`bitplan.loading.compute_dtype_for`.
+    GEMMs over 100x slower than fp32 (bench/RESULTS.md, cpu-bf16)), see :func:`bitplan.loading.compute_dtype_for`.
     """
     from bitplan import __version__
 
