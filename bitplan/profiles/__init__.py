@@ -10,6 +10,7 @@ error unless allowed) and to one model's shapes. The search uses it through :cla
 """
 
 from bitplan.profiles._cost import ProfileCostModel, load_profile
+from bitplan.profiles._decode import paired_decode_ms
 from bitplan.profiles._fingerprint import DeviceFingerprint, device_fingerprint
 from bitplan.profiles._measure import decode_ms_per_token, profile_hw, stubbed
 from bitplan.profiles._predict import Prediction, ProfileIndex, predict
@@ -26,6 +27,7 @@ __all__ = [
     "decode_ms_per_token",
     "device_fingerprint",
     "load_profile",
+    "paired_decode_ms",
     "predict",
     "profile_hw",
     "stubbed",

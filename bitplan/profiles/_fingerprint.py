@@ -1,7 +1,11 @@
 """Which device a profile was measured on, and whether it is this one.
 
 A latency table is only true of the hardware and software that produced it: another CPU model, another
-core or thread count, another GPU, or another torch / Triton build changes kernel speed. So a profile
+core or thread count, another GPU, another torch / Triton build, or another OpenMP wait policy changes
+kernel speed. The last is easy to miss: with ``OMP_WAIT_POLICY=PASSIVE`` idle OpenMP threads sleep instead
+of spinning, and the many short parallel regions of a packed int4 GEMV then pay a wake-up each; on a 2-core
+AVX2 machine that turned a 4-bit model from 0.72x of the fp32 model's decode time into 1.13x (same plan,
+same kernels, paired in one process), so a profile measured under one policy is wrong under the other. So a profile
 carries a fingerprint of all of them, and using one whose fingerprint differs from the current device is
 refused unless the user says otherwise (``--allow-foreign-profile``).
 
@@ -31,18 +35,22 @@ class DeviceFingerprint:
     threads: int  # torch intra-op threads (CPU); 0 on GPU
     torch: str
     triton: str  # "" when Triton is not installed
+    omp: str = ""  # OpenMP settings that change CPU kernel speed, e.g. "OMP_WAIT_POLICY=PASSIVE"; "" = defaults
 
     def __str__(self) -> str:
         unit = "cores" if self.kind == "cpu" else "SMs"
         threads = f", {self.threads} threads" if self.kind == "cpu" else ""
+        omp = f", {self.omp}" if self.omp else (", OpenMP defaults" if self.kind == "cpu" else "")
         triton = f", triton {self.triton}" if self.triton else ""
-        return f"{self.name} ({self.kind}, {self.units} {unit}{threads}), torch {self.torch}{triton}"
+        return f"{self.name} ({self.kind}, {self.units} {unit}{threads}{omp}), torch {self.torch}{triton}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "profile") -> DeviceFingerprint:
+        # ``omp`` came later (schema 1 profiles lack it): read as "unknown", which no live device matches
+        d = {"omp": "unknown OpenMP settings", **d}
         try:
             return cls(**{f.name: d[f.name] for f in fields(cls)})
         except (KeyError, TypeError) as e:
@@ -76,11 +84,20 @@ def _triton_version() -> str:
         return ""
 
 
+#: Environment variables of the OpenMP runtimes (GNU, Intel/LLVM) that change how fast CPU kernels run.
+OMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_PLACES")
+
+
+def _omp_settings() -> str:
+    return " ".join(f"{k}={os.environ[k]}" for k in OMP_ENV if os.environ.get(k))
+
+
 def device_fingerprint(device: str | torch.device = "cpu") -> DeviceFingerprint:
     """The fingerprint of ``device`` as this process sees it (thread count included on CPU)."""
     dev = torch.device(device)
     if dev.type == "cpu":
-        return DeviceFingerprint("cpu", _cpu_name(), os.cpu_count() or 0, torch.get_num_threads(), torch.__version__, _triton_version())
+        return DeviceFingerprint("cpu", _cpu_name(), os.cpu_count() or 0, torch.get_num_threads(), torch.__version__, _triton_version(),
+                                 _omp_settings())
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise BitplanError("--device cuda: no CUDA device is available")

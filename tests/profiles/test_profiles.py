@@ -114,6 +114,30 @@ def test_a_foreign_profile_is_refused(profiled: tuple[HardwareProfile, Path], tm
     assert load_profile(path, allow_foreign=True).meta.device.name == "Some Other CPU"
 
 
+def test_another_openmp_wait_policy_is_another_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    here = device_fingerprint("cpu")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    passive = device_fingerprint("cpu")
+    assert passive.omp == "OMP_WAIT_POLICY=PASSIVE" and passive != here
+    with pytest.raises(BitplanError, match="OMP_WAIT_POLICY=PASSIVE.* but this device is .*OpenMP defaults"):
+        passive.check_matches(here)
+    # a profile written before the field existed reads as unknown settings: refused, never silently trusted
+    old = {k: v for k, v in here.to_dict().items() if k != "omp"}
+    with pytest.raises(BitplanError, match="unknown OpenMP settings"):
+        type(here).from_dict(old).check_matches(here)
+
+
+def test_paired_decode_ms_times_each_model_per_round(model: Any) -> None:
+    from bitplan.profiles import paired_decode_ms
+
+    q = bitplan.apply_plan(copy.deepcopy(model), bitplan.uniform_plan(model, "w4g32a", kv="k4v4"), kernels="reference")
+    times = paired_decode_ms([model, q], context=24, new=3, rounds=2)
+    assert len(times) == 2 and all(len(t) == 2 and all(ms > 0 for ms in t) for t in times)
+    with pytest.raises(BitplanError, match="rounds"):
+        paired_decode_ms([model], context=24, new=3, rounds=0)
+
+
 def test_predict_sums_measured_rows(model: Any, profiled: tuple[HardwareProfile, Path]) -> None:
     hw, _ = profiled
     graph = build_graph(model)
