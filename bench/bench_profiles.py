@@ -1,8 +1,10 @@
 """Hardware profiles on the main model: predicted vs measured decode latency and memory; a latency-budgeted search.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_profiles.py --parts predict,autotune
+    .venv/bin/python bench/bench_profiles.py --parts predict,autotune
 
-Run it on a quiet machine: every figure is a CPU timing.
+Run it on a quiet machine: every figure is a CPU timing. OpenMP settings are part of the device (see
+``bitplan.profiles._fingerprint``): the profile, the plans and the search all run under the environment this
+script was started with, and RESULTS names it.
 
 Parts (each writes its own section of bench/RESULTS.md):
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -118,6 +119,12 @@ def measure(plan_path: Path, args: argparse.Namespace) -> dict:
     return run_worker(cmd, f"measuring {plan_path}")
 
 
+def _omp() -> str:
+    from bitplan.profiles._fingerprint import _omp_settings
+
+    return _omp_settings() or "OpenMP defaults (OMP_WAIT_POLICY unset)"
+
+
 def _err(pred: float, meas: float) -> float:
     return (pred - meas) / meas
 
@@ -152,7 +159,7 @@ def part_predict(model, args) -> None:  # type: ignore[no-untyped-def]
         f"## Profiles: predicted vs measured decoding of {Path(args.model).name} on this CPU, batch 1",
         "",
         stamp().rstrip(),
-        f"- model dtype {args.dtype}; profile `{_hw_path(args).name}`: {len(hw.rows)} rows, contexts {args.contexts}, "
+        f"- {args.threads} threads, {_omp()}; model dtype {args.dtype}; profile `{_hw_path(args).name}`: {len(hw.rows)} rows, contexts {args.contexts}, "
         f"{'reused' if not prof_s else f'measured in {prof_s:.0f} s'}; device {hw.meta.device}",
         f"- measured: fresh process per plan, kernels chosen by the profile (as `bitplan apply --profile`), "
         f"{args.tokens} greedy tokens after a {ref[3]['prompt']}-token prompt, ms/token = (t(generate {args.tokens + 1}) - "
@@ -268,5 +275,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     main()

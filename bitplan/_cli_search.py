@@ -56,6 +56,11 @@ def add_search_parser(sub: Any) -> None:
     g.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory) or journal file")
     g.add_argument("--study-name", default="bitplan")
     g.add_argument("--verify-top", type=int, default=8, help="front plans to verify on the model (default 8)")
+    g.add_argument("--verify-latency", choices=["auto", "on", "off"], default="auto",
+                   help="time front plans' decoding on this device next to the 16-bit model; only plans that meet "
+                        "the latency budget when timed are picked (default auto: when --max-latency is given)")  # fmt: skip
+    g.add_argument("--latency-rounds", type=int, default=5, help="paired timing rounds per plan (default 5)")
+    g.add_argument("--latency-tokens", type=int, default=32, help="tokens decoded per model per round (default 32)")
     g.add_argument("--pick", choices=["quality", "memory", "latency"], default="quality",
                    help="best.json: lowest measured KL (default), least memory or least latency within budgets")  # fmt: skip
     sp.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory (reused: continues)")
@@ -82,7 +87,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         workers=args.workers, storage=args.storage, study_name=args.study_name, batch=args.batch,
         context=args.context, kinds=tuple(args.kinds.split(",")), weights=_split(args.weights), acts=_split(args.acts),
         kv=kv, prune_kv=not args.no_prune_kv, tie_clusters=args.tie_clusters, score_method=args.score_method,
-        verify_k=args.verify_top, pick=args.pick,
+        verify_k=args.verify_top, pick=args.pick, verify_latency=args.verify_latency,
+        latency_rounds=args.latency_rounds, latency_tokens=args.latency_tokens,
     )  # fmt: skip
     inputs = PipelineInputs(
         model=args.model, calib=args.calib, tokens=args.tokens, window=args.window, sens_method=args.sens_method,
@@ -104,8 +110,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     ag = s.get("agreement") or {}
     if ag:
         print(f"verified {ag.get('n', 0)} plans; proxy vs measured order: {ag.get('discordant_fraction', float('nan')):.0%} of pairs disagree")
+    timing = s.get("latency_timing") or {}
+    if timing:
+        print(f"timed {len(timing['timed'])} front plans at context {timing['context']}: "
+              f"{len(timing['passing'])} met the latency budget when measured")  # fmt: skip
     if result.best_plan is not None:
         print(f"best ({args.pick}): {result.best_plan}  {s.get('best_metrics', '')}")
+    else:
+        print(f"no plan picked: {s.get('best_reason', '')}")
     if "eval" in s:
         e = s["eval"]
         print(f"eval ({e['tokens']} tokens of {e['file']}): ppl {e['ppl']:.3f} (16-bit {e['ppl_16bit']:.3f}), KL {e['kl']:.4f}")

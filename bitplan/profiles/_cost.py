@@ -11,8 +11,9 @@ seeds use the additive table.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,9 @@ class ProfileCostModel(CostModel):
 
     profile: HardwareProfile
     name: str = "profile"
+
+    def kernel_latency(self) -> Callable[[Any, Any], float | None]:
+        return ProfileIndex(self.profile).kernel_latency()
 
     def latency(self, space: SearchSpace) -> LatencyTable:
         g, prof = space.graph, self.profile

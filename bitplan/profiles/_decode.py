@@ -53,7 +53,9 @@ class _Decoder:
         import inspect
 
         params = inspect.signature(model.forward).parameters
-        last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # skip a (prompt x vocab) logits tensor
+        last = (
+            {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        )  # skip a (prompt x vocab) logits tensor
         with torch.inference_mode():
             if self.ids.shape[1] > 1:
                 model(self.ids[:, :-1], use_cache=True, **last, **{self.key: self.cache})
@@ -69,7 +71,9 @@ class _Decoder:
         _sync(self.device)
         ms = (time.perf_counter() - t) * 1e3 / new
         if out.shape[1] != self.ids.shape[1] + new:
-            raise BitplanError(f"generate() returned {out.shape[1] - self.ids.shape[1]} tokens, asked for {new}")
+            raise BitplanError(
+                f"generate() returned {out.shape[1] - self.ids.shape[1]} tokens, asked for {new}"
+            )
         self.ids = out
         return ms
 
@@ -93,7 +97,9 @@ def paired_decode_ms(
     if not models:
         return []
     if context < 1 or new < 1 or rounds < 1 or batch < 1:
-        raise BitplanError(f"paired decode timing needs context, new, rounds, batch >= 1; got {context}, {new}, {rounds}, {batch}")
+        raise BitplanError(
+            f"paired decode timing needs context, new, rounds, batch >= 1; got {context}, {new}, {rounds}, {batch}"
+        )
     vocab = int(models[0].config.vocab_size)
     prompt = max(2, context - new * rounds // 2)
     g = torch.Generator().manual_seed(seed)

@@ -105,6 +105,20 @@ class Budgets:
             return self.max_latency_ratio * reference_ms
         return self.max_latency_ms
 
+    @property
+    def has_latency(self) -> bool:
+        return self.max_latency_ms is not None or self.max_latency_ratio is not None
+
+    def latency_met(self, ms: float, ratio: float) -> bool | None:
+        """Whether a *measured* decode latency (``ms``, and ``ratio`` to the 16-bit model timed alongside)
+        meets the latency budget; None without one. A ratio budget is checked on the ratio, never on ms
+        from another run of the 16-bit model."""
+        if self.max_latency_ratio is not None:
+            return ratio <= self.max_latency_ratio
+        if self.max_latency_ms is not None:
+            return ms <= self.max_latency_ms
+        return None
+
     def active(self) -> list[str]:
         return [k for k, v in asdict(self).items() if v is not None]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +59,11 @@ class CostModel(ABC):
     @abstractmethod
     def latency(self, space: SearchSpace) -> LatencyTable:
         """ms per decoded token at ``space.batch`` sequences and ``space.context`` cached tokens."""
+
+    def kernel_latency(self) -> Callable[[Any, Any], float | None] | None:
+        """How to rank kernels when a plan is applied to be timed (``apply_plan(latency=...)``), so the
+        measured plan runs the kernels this cost model priced; None: the static preference."""
+        return None
 
 
 @dataclass(frozen=True)

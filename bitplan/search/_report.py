@@ -37,7 +37,7 @@ from bitplan.errors import BitplanError
 from bitplan.search._budgets import Budgets
 from bitplan.search._space import SearchSpace
 from bitplan.search._study import is_feasible, trial_constraints, trials_frame
-from bitplan.search._verify import VERIFY_KEYS, proxy_quality, rank_agreement, with_verification
+from bitplan.search._verify import LATENCY_KEYS, VERIFY_KEYS, proxy_quality, rank_agreement, with_verification
 
 __all__ = ["PICKS", "write_outputs"]
 
@@ -64,6 +64,8 @@ class _Row:
     feasible: bool
     constraints: dict[str, float]
     file: Path
+    latency: dict[str, float] | None = None  # measured decode latency (see bitplan.search._latency)
+    latency_ok: bool | None = None  # meets the latency budget when measured; None: not timed or no budget
 
     @property
     def origin(self) -> str:
@@ -91,16 +93,35 @@ def _verification(t: FrozenTrial) -> dict[str, float] | None:
     return {k.removeprefix("verify_"): t.user_attrs[k] for k in VERIFY_KEYS if k in t.user_attrs}
 
 
+def _latency(t: FrozenTrial) -> dict[str, float] | None:
+    if "verify_ms" not in t.user_attrs:
+        return None
+    return {k.removeprefix("verify_"): t.user_attrs[k] for k in LATENCY_KEYS if k in t.user_attrs}
+
+
 def _named(t: FrozenTrial, names: Sequence[str]) -> dict[str, float]:
     """A trial's constraint values by the study's ``constraint_names`` (by position where a name is missing)."""
     values = trial_constraints(t) or []
     return {(names[i] if i < len(names) else str(i)): float(v) for i, v in enumerate(values)}
 
 
-def _pick(rows: Sequence[_Row], best_pick: str) -> tuple[_Row, str]:
-    """The picked row and a one-line reason (feasible rows only, unless none is feasible)."""
+def _pick(rows: Sequence[_Row], best_pick: str) -> tuple[_Row | None, str]:
+    """The picked row and a one-line reason (feasible rows only, unless none is feasible).
+
+    Once plans were timed against a latency budget, only plans that met it when measured are eligible:
+    a prediction that the measurement contradicted is not handed back, and no pick is better than one
+    that breaks the budget (the reason says so)."""
+    timed = [r for r in rows if r.latency_ok is not None]
+    if timed:
+        rows = [r for r in timed if r.latency_ok and r.feasible]
+        if not rows:
+            worst = min(float((r.latency or {}).get("ratio", math.inf)) for r in timed)
+            return None, (f"none of the {len(timed)} front plans timed meets the latency budget when measured "
+                          f"(fastest: {worst:.3f}x of 16-bit); loosen --max-latency")  # fmt: skip
     pool = [r for r in rows if r.feasible] or list(rows)
     caveat = "" if any(r.feasible for r in rows) else " (no front plan meets the budgets)"
+    if timed:
+        caveat += f"; {len(rows)} of {len(timed)} timed plans met the latency budget when measured"
     if best_pick == "quality":
         measured = [r for r in pool if r.verification is not None]
         if measured:
@@ -111,6 +132,9 @@ def _pick(rows: Sequence[_Row], best_pick: str) -> tuple[_Row, str]:
         best = min(pool, key=lambda r: r.rank)
         return best, f"lowest proxy KL ({best.proxy['quality']:.4g} nats/token); no plan was verified{caveat}"
     key = {"memory": "memory_bytes", "latency": "latency_ms"}[best_pick]
+    if key == "latency_ms" and timed:
+        best = min(pool, key=lambda r: (float((r.latency or {})["ms"]), r.rank))
+        return best, f"least measured latency ({(best.latency or {})['ms']:.4g} ms/token) among {len(pool)} front plans{caveat}"
     best = min(pool, key=lambda r: (r.proxy[key], r.rank))
     what = (
         f"{best.proxy[key] / 1e6:.2f} MB" if key == "memory_bytes" else f"{best.proxy[key]:.4g} ms predicted"
@@ -129,7 +153,7 @@ def _trials_table(study: Any) -> pa.Table:
     table = trials_frame(study)
     merged = {t.number: t.user_attrs for t in with_verification(study, study.get_trials(deepcopy=False))}
     numbers = table.column("number").to_pylist()
-    for key in VERIFY_KEYS:
+    for key in (*VERIFY_KEYS, *LATENCY_KEYS):
         at = table.schema.get_field_index(key)
         typ = table.schema.field(at).type if at >= 0 else pa.float64()
         column = pa.array([merged.get(n, {}).get(key) for n in numbers], type=typ)
@@ -211,17 +235,22 @@ def _render(model: str, budgets: Budgets | None, latency_source: str, rows: Sequ
     parts += ["<h2>Pareto front</h2>", *figures]
     trs = []
     for r in rows:
-        v, p = r.verification or {}, r.proxy
+        v, p, lt = r.verification or {}, r.proxy, r.latency or {}
         cells = [str(r.rank), str(r.trial.number), e(r.origin), _f(p["avg_weight_bits"], ".3f"),
                  _f(p["weight_bytes"], ".2f", 1e-6), _f(p["kv_bytes"], ".2f", 1e-6), _f(p["latency_ms"], ".3f"),
-                 _f(p["quality"]), _f(v.get("kl")), _f(v.get("ppl"), ".3f"), "yes" if r.feasible else "<b>no</b>"]  # fmt: skip
+                 _f(p["quality"]), _f(v.get("kl")), _f(v.get("ppl"), ".3f"), "yes" if r.feasible else "<b>no</b>",
+                 _f(lt.get("ms"), ".3f"), _f(lt.get("ratio"), ".3f"),
+                 {None: "&ndash;", True: "yes", False: "<b>no</b>"}[r.latency_ok]]  # fmt: skip
         trs.append(cells)
     table = _table(["rank", "trial", "origin", "avg weight bits", "weight MB", "KV MB", "predicted latency ms",
-                    "proxy KL", "measured KL", "ppl", "feasible"], trs, "front")  # fmt: skip
+                    "proxy KL", "measured KL", "ppl", "feasible", "measured ms", "x 16-bit", "meets latency"],
+                   trs, "front")  # fmt: skip
     if best is not None:  # highlight the pick
         table = table.replace(f"<tr><td>{best.rank}</td>", f'<tr class="best"><td>{best.rank}</td>', 1)
     parts += ["<h2>Front plans</h2>", "<p>KL in nats/token; proxy KL is the search's additive prediction, "
-              "measured KL and ppl are on held-out calibration text (verified plans only).</p>", table]  # fmt: skip
+              "measured KL and ppl are on held-out calibration text (verified plans only); measured ms is decode ms per "
+              "token timed on this device, x 16-bit its median ratio to the unquantized model timed in the same "
+              "rounds (timed plans only).</p>", table]  # fmt: skip
     if agreement and agreement.get("n"):
         a = agreement
         lines = [["plans verified", str(a.get("n"))], ["discordant pairs", f"{a.get('discordant')} of {a.get('pairs')} "
@@ -267,14 +296,20 @@ def write_outputs(
                     key=lambda t: (proxy_quality(t), *(list(t.values or [])[1:]), t.number))  # fmt: skip
     names = list(study.user_attrs.get("constraint_names", []))
     width = max(2, len(str(len(trials))))
+    from bitplan.search._latency import latency_ok
+
+    budgets_ = budgets or Budgets()
     rows = [_Row(i, t, _proxy(t, space), _verification(t), is_feasible(t), _named(t, names),
-                 front_dir / f"plan-{i:0{width}d}.json") for i, t in enumerate(trials, 1)]  # fmt: skip
+                 front_dir / f"plan-{i:0{width}d}.json", _latency(t), latency_ok(budgets_, t.user_attrs))
+            for i, t in enumerate(trials, 1)]  # fmt: skip
     common = {"budgets": budgets.to_dict() if budgets else None, "latency_source": latency_source}
     plans = {}
     for r in rows:
         meta = {"created_by": "bitplan search", "trial": r.trial.number, "rank": r.rank, "origin": r.origin,
                 "proxy": r.proxy, "verification": r.verification, "feasible": r.feasible,
                 "constraints": r.constraints, **common}  # fmt: skip
+        if r.latency is not None:
+            meta["measured_latency"] = {**r.latency, "meets_budget": r.latency_ok}
         plans[r.rank] = space.to_plan({k: str(v) for k, v in r.trial.params.items()}, meta)
         plans[r.rank].save(r.file)
     written = {r.file.name for r in rows}
@@ -301,7 +336,7 @@ def write_outputs(
 
     best_metrics = None
     if best is not None:
-        best_metrics = {**best.proxy, **{f"verify_{k}": v for k, v in (best.verification or {}).items()}}
+        best_metrics = {**best.proxy, **{f"verify_{k}": v for k, v in {**(best.verification or {}), **(best.latency or {})}.items()}}
     report_path = run_dir / "report.html"
     model = str(extra.get("model") or space.name_or_path or getattr(space.graph, "architecture", ""))
     page = _render(model, budgets, latency_source, rows, best, reason, agreement, extra, _figures(study))

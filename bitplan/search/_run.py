@@ -66,6 +66,9 @@ class SearchConfig:
     knapsack_levels: int = 6
     verify_k: int = 8
     pick: str = "quality"
+    verify_latency: str = "auto"  # time the front's decoding: auto = when a latency budget is set; on; off
+    latency_rounds: int = 5
+    latency_tokens: int = 32  # decoded tokens per model per round
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -76,6 +79,16 @@ class SearchConfig:
             raise BitplanError(f"--verify-top must be >= 0, got {self.verify_k}")
         if self.pick not in ("quality", "memory", "latency"):
             raise BitplanError(f"--pick must be quality, memory or latency, got {self.pick!r}")
+        if self.verify_latency not in ("auto", "on", "off"):
+            raise BitplanError(f"--verify-latency must be auto, on or off, got {self.verify_latency!r}")
+        if self.latency_rounds < 1 or self.latency_tokens < 1:
+            raise BitplanError(f"--latency-rounds and --latency-tokens must be at least 1, got {self.latency_rounds}, {self.latency_tokens}")
+
+    @property
+    def times_latency(self) -> bool:
+        """Whether the search times the front's decoding (:mod:`bitplan.search._latency`)."""
+        on = self.verify_latency == "on" or (self.verify_latency == "auto" and self.budgets.has_latency)
+        return on and self.verify_k > 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -216,8 +229,20 @@ def search(
     if not pareto:
         raise BitplanError("no feasible plan was found: loosen the budgets or run more --trials")
     t = time.perf_counter()
+    timing: dict[str, Any] = {}
+    candidates = pareto
+    if config.times_latency:
+        from bitplan.search._latency import verify_latency
+
+        timing = verify_latency(study, model, space, pareto, config.budgets, k=config.verify_k, new=config.latency_tokens,
+                                rounds=config.latency_rounds, kernel_latency=cost_model.kernel_latency(), progress=progress)  # fmt: skip
+        if config.budgets.has_latency:  # only plans that met the budget when timed go on to quality verification
+            candidates = [tr for tr in pareto if tr.number in set(timing["passing"])]
+    stages["time_latency"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     agreement: dict[str, Any] = {}
-    if verify_tokens is not None and config.verify_k > 0:
+    if verify_tokens is not None and config.verify_k > 0 and candidates:
         from bitplan.search._verify import (
             pick_for_verification,
             rank_agreement,
@@ -226,8 +251,8 @@ def search(
             with_verification,
         )
 
-        pareto = with_verification(study, pareto)  # verification numbers live in study attrs (see _verify)
-        chosen = pick_for_verification(pareto, config.verify_k)
+        candidates = with_verification(study, candidates)  # verification numbers live in study attrs (see _verify)
+        chosen = pick_for_verification(candidates, config.verify_k)
         todo = [tr for tr in chosen if "verify_kl" not in tr.user_attrs]  # a rerun keeps earlier measurements
         done = verify(model, space, todo, verify_tokens, window, progress=progress) if todo else []
         record_verification(study, done)
@@ -244,6 +269,7 @@ def search(
         "proxy_trials_per_second": per_s,
         "seed_improvement": seed_improvement(study),
         "agreement": agreement,
+        "latency_timing": timing,
         "config": config.to_dict(),
         "stage_seconds": stages,
     }

@@ -38,16 +38,19 @@ from bitplan.search._space import SearchSpace
 from bitplan.search._study import is_feasible
 
 __all__ = [
-    "VERIFY_ATTR_PREFIX", "VERIFY_KEYS", "Verified",
+    "LATENCY_ATTR_PREFIX", "LATENCY_KEYS", "VERIFY_ATTR_PREFIX", "VERIFY_KEYS", "Verified",
     "default_verify_tokens", "pick_for_verification", "proxy_quality",
     "rank_agreement", "record_verification", "verify", "with_verification",
 ]  # fmt: skip
 
 _log = logging.getLogger("bitplan")
 # Measurements stored by :func:`record_verification` (study user attr ``"verify:<trial number>"``) and shown
-# as these trial user attrs by :func:`with_verification`.
+# as these trial user attrs by :func:`with_verification`; the same for measured decode latency
+# (:mod:`bitplan.search._latency`, study user attr ``"latency:<trial number>"``).
 VERIFY_KEYS = ("verify_kl", "verify_ppl", "verify_tokens")
 VERIFY_ATTR_PREFIX = "verify:"
+LATENCY_KEYS = ("verify_ms", "verify_ms_16bit", "verify_ratio", "verify_ratio_worst", "verify_latency_rounds")
+LATENCY_ATTR_PREFIX = "latency:"
 
 
 # -- reading trials ------------------------------------------------------------------------------------
@@ -177,20 +180,23 @@ def record_verification(study: Any, verified: Sequence[Verified]) -> None:
 
 
 def with_verification(study: Any, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """Copies of ``trials`` whose user attrs include the ``verify_*`` numbers :func:`record_verification` stored.
+    """Copies of ``trials`` whose user attrs include the ``verify_*`` numbers stored in the study.
 
+    Quality (:func:`record_verification`) and decode latency (:func:`bitplan.search._latency.record_latency`).
     Copies, because ``get_trials(deepcopy=False)`` hands out the storage's own objects; trials without a
     measurement come back as they are.
     """
     attrs = study.user_attrs  # one storage read for all trials
     out = []
     for t in trials:
-        rec = attrs.get(f"{VERIFY_ATTR_PREFIX}{t.number}")
-        if isinstance(rec, Mapping):
+        recs = [(attrs.get(f"{prefix}{t.number}"), keys)
+                for prefix, keys in ((VERIFY_ATTR_PREFIX, VERIFY_KEYS), (LATENCY_ATTR_PREFIX, LATENCY_KEYS))]  # fmt: skip
+        if any(isinstance(rec, Mapping) for rec, _ in recs):
             t = copy.deepcopy(t)
-            for key in VERIFY_KEYS:
-                if key in rec:
-                    t.set_user_attr(key, rec[key])
+            for rec, keys in recs:
+                for key in keys if isinstance(rec, Mapping) else ():
+                    if key in rec:
+                        t.set_user_attr(key, rec[key])
         out.append(t)
     return out
 

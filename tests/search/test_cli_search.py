@@ -131,3 +131,21 @@ def test_kv_bit_set_is_expanded_like_the_profiler_does(tiny_model_path: Path, wi
     assert code == 0, capsys.readouterr().err
     kv = {str(f) for f in Plan.load(run / "best.json").kv_formats()}
     assert kv <= {"k2v2", "k2v4", "k4v2", "k4v4", "k16v16"}
+
+
+def test_latency_budget_hands_back_only_plans_timed_within_it(table: Path, tiny_model_path: Path, wikitext_calib: Path,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    run = tmp_path / "lat"
+    code = main(["search", "--model", str(tiny_model_path), "--calib", str(wikitext_calib), *FAST, "--table",
+                 str(table / "sensitivity.parquet"), "--max-latency", "50x", "--context", "48", "--trials", "30",
+                 "--verify-top", "2", "--latency-rounds", "2", "--latency-tokens", "4", "-o", str(run)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "met the latency budget when measured" in out
+    summary = json.loads((run / "summary.json").read_text())
+    timing = summary["latency_timing"]
+    assert timing["context"] == 48 and timing["rounds"] == 2 and len(timing["passing"]) == 2
+    best = Plan.load(run / "best.json")
+    assert best.metadata["trial"] in timing["passing"]
+    lat = best.metadata["measured_latency"]
+    assert lat["meets_budget"] is True and lat["ms"] > 0 and lat["latency_rounds"] == 2
+    assert best.metadata["verification"]["kl"] is not None  # quality-verified after it met the budget
