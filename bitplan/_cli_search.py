@@ -43,7 +43,8 @@ def add_search_parser(sub: Any) -> None:
     g.add_argument("--weights", help="weight options, e.g. w8g64a,w4g64a,w4g32a,w3g64a@hqq (default: a standard set)")
     g.add_argument("--acts", help="activation options (default a8t,a4t)")
     g.add_argument("--kv", help="KV pairs: a bit set '2,4,8,16' (all K x V pairs; a suffix such as '2,3,4,8s1' applies to each) or formats 'k4v2;k8v4' (default 2,4,8,16)")
-    g.add_argument("--kinds", default="weight,act,kv", help="what to decide (default weight,act,kv)")
+    g.add_argument("--kinds", default="weight,head,act,kv", help="what to decide: weight (decoder linears), head (lm_head, "
+                   "with a tied embedding), act, kv (default all four)")
     g.add_argument("--tie-clusters", action="store_true", help="one KV decision per cluster of alike layers")
     g.add_argument("--no-prune-kv", action="store_true", help="offer dominated KV pairs too")
     g.add_argument("--score-method", choices=["fisher", "kl"], help="which weight/act scores to add (default: Fisher if present)")

@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--method", choices=["auto", "fisher", "kl", "both"], default="auto",
                     help="auto (default): Fisher for weights and acts, measured KL for KV pairs; kl: measure everything "
                          "(hours on a CPU); both: Fisher and KL rows for weights and acts")
-    sp.add_argument("--kinds", default="weight,act,kv", help="what to score (default weight,act,kv)")
+    sp.add_argument("--kinds", default="weight,head,act,kv", help="what to score: weight, head (lm_head, measured), act, kv "
+                    "(default all four)")
     sp.add_argument("--weights", help="comma-separated weight options, e.g. w4g64a,w3g64a@hqq (default: a standard set)")
     sp.add_argument("--acts", help="comma-separated activation formats (default a8t,a4t)")
     sp.add_argument("--kv", help="KV pairs: bit set '2,4,8,16' (all K x V pairs; a suffix such as '2,3,4,8s1' applies to each) or formats 'k4v2;k8v4' (default 2,4,8,16)")

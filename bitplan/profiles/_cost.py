@@ -83,6 +83,13 @@ class ProfileCostModel(CostModel):
             if d.kind == "weight":
                 per.append(np.array([sum(unit_ms(u, o.label) for u in d.units) for o in d.options]))
                 decided_units.update(d.units)
+            elif d.kind == "head":  # the skeleton ran the 16-bit head: charge the change
+                head = g.lm_head
+                assert head is not None
+                shape = (head.out_features, head.in_features)
+                ms16 = idx.linear_ms("decode", shape, _SIXTEEN, _A16)[0]
+                per.append(np.array([idx.linear_ms("decode", shape, parse_weight(o.label.partition("@")[0]).fit_group(shape[1]), _A16)[0] - ms16
+                                     for o in d.options]))  # fmt: skip
             elif d.kind == "act":
                 base = sum(unit_ms(u.name, "bf16") for i in d.layers for u in layer_units[i])
                 per.append(np.array([sum(unit_ms(u.name, "bf16", parse_act(o.label)) for i in d.layers for u in layer_units[i]) - base

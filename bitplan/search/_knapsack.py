@@ -64,7 +64,7 @@ _WHAT = {
     "avg_bits": "average weight bits", "memory": "memory (weights + KV cache)",
     "kv_bits": "average KV bits", "latency": "decode latency", "score": "summed harm",
 }  # fmt: skip
-_PLURAL = {"weight": "weights", "act": "acts", "kv": "KV"}
+_PLURAL = {"weight": "weights", "head": "head", "act": "acts", "kv": "KV"}
 _OBJ_SCALE = 1e4  # the objective's span after scaling: HiGHS's absolute gap (1e-6) is then ~1e-10 of it
 _TIME_LIMIT_S = 60.0
 _RETRIES = 4
@@ -96,13 +96,14 @@ def resources(
     if latency is None and (b.max_latency_ms is not None or b.max_latency_ratio is not None):
         raise BitplanError("--max-latency needs a latency cost model, and none was given")
     bits, kvb, kvbits = space.arrays("storage_bits"), space.arrays("kv_bytes"), space.arrays("kv_bits")
+    unit_bits = space.arrays("unit_bits")
     up, n_layers = space.unit_params, space.graph.num_layers
     undecided = up - sum(d.params for d in space.decisions if d.kind == "weight")
     fixed_kv_layers = n_layers - len(space.kv_layers_decided)
     zeros = tuple(np.zeros(len(d.options)) for d in space.decisions)
     out = {
         "score": Resource("score", tuple(space.arrays("score")), 0.0),
-        "avg_bits": Resource("avg_bits", tuple(a / up for a in bits) if up else zeros,
+        "avg_bits": Resource("avg_bits", tuple(a / up for a in unit_bits) if up else zeros,
                              16.0 * undecided / up if up else 16.0, b.max_avg_bits),
         "memory": Resource("memory", tuple(w / 8 + k for w, k in zip(bits, kvb, strict=True)),
                            space.fixed_weight_bytes + space.fixed_kv_bytes(), b.max_memory),
@@ -370,14 +371,14 @@ def _describe(space: SearchSpace, idx: Sequence[int], resource: Resource) -> str
     ``weights w2g64a on 100 of 120 units, w3g64a on 20; KV k2v2 everywhere``."""
     varies = {d.kind for d, a in zip(space.decisions, resource.coef, strict=True) if np.ptp(a) > 0}
     parts = []
-    for kind in (k for k in ("weight", "kv", "act") if k in varies):
+    for kind in (k for k in ("weight", "head", "kv", "act") if k in varies):
         counts: Counter[str] = Counter()
         for d, j in zip(space.decisions, idx, strict=True):
             if d.kind == kind:
                 counts[d.options[j].label] += len(d.layers) if kind == "kv" else 1
         if not counts:
             continue
-        n, noun = sum(counts.values()), {"weight": "units", "act": "layers", "kv": "layers"}[kind]
+        n, noun = sum(counts.values()), {"weight": "units", "head": "head", "act": "layers", "kv": "layers"}[kind]
         top = counts.most_common(2)
         if len(counts) == 1:
             text = f"{top[0][0]} everywhere"

@@ -56,7 +56,7 @@ class SearchConfig:
     study_name: str = "bitplan"
     batch: int = 1
     context: int = 2048
-    kinds: tuple[str, ...] = ("weight", "act", "kv")
+    kinds: tuple[str, ...] = ("weight", "head", "act", "kv")
     weights: tuple[str, ...] | None = None
     acts: tuple[str, ...] | None = None
     kv: tuple[str, ...] | None = None

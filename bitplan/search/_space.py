@@ -35,8 +35,9 @@ from bitplan.sensitivity._kvreduce import _ranges
 __all__ = ["Decision", "Option", "ProxyMetrics", "SearchSpace"]
 
 _log = logging.getLogger("bitplan")
-Kind = Literal["weight", "act", "kv"]
-REFERENCE = {"weight": "bf16", "act": "a16", "kv": "k16v16"}
+Kind = Literal["weight", "head", "act", "kv"]
+REFERENCE = {"weight": "bf16", "head": "bf16", "act": "a16", "kv": "k16v16"}
+HEAD = "lm_head"
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,9 @@ class Option:
 
     label: str  # the Optuna parameter value: canonical format, "@method" for weights not quantized by rtn
     score: float  # proxy harm, nats/token (0 for the 16-bit reference)
-    storage_bits: float = 0.0  # weight: exact stored bits of the decision's units (codes, scales, offsets)
+    # weight, head: exact stored bits of the decision's units (codes, scales, offsets); a quantized head tied
+    # to the embedding counts twice (apply_plan packs the head and the embedding rows separately)
+    storage_bits: float = 0.0
     kv_bytes_per_token: float = 0.0  # kv: steady-state bytes per token over the decision's layers
     nominal_bits: float = 16.0  # weight: bits per weight incl. scales; act: bits; kv: (K bits + V bits) / 2
     kv_fixed_bytes: float = 0.0  # kv: bytes per sequence on top of the per-token ones (16-bit sink tokens)
@@ -53,7 +56,9 @@ class Option:
 
 @dataclass(frozen=True)
 class Decision:
-    """One Optuna parameter: a unit's weight format, a layer's act format or one (or tied) layers' KV pair."""
+    """One Optuna parameter: a unit's weight format, the output head's, a layer's act format or one (or tied)
+    layers' KV pair. The head (kind ``head``, name ``lm_head``) counts in memory and latency but not in the
+    average weight bits, which are over the decoder layers' units (llama.cpp's bits per decoder weight)."""
 
     name: str
     kind: Kind
@@ -85,6 +90,14 @@ class ProxyMetrics:
 
 def _weight_label(fmt: str, method: str) -> str:
     return fmt if method in ("", "rtn") else f"{fmt}@{method}"
+
+
+def _head_scores(table: SensitivityTable, method: str | None) -> dict[str, float]:
+    """The head's option scores: its rows of the weights' method where the table has them, else measured."""
+    rows = [r for r in table.rows if r.unit == HEAD and r.kind == "weight"]
+    have = {r.method for r in rows}
+    use = method if method in have else "kl"
+    return {_weight_label(r.format, r.quantizer): max(0.0, r.score) for r in rows if r.method == use}
 
 
 def _pick_method(table: SensitivityTable, kind: str, method: str | None) -> str:
@@ -119,7 +132,7 @@ class SearchSpace:
         table: SensitivityTable,
         graph: ModelGraph,
         *,
-        kinds: Sequence[str] = ("weight", "act", "kv"),
+        kinds: Sequence[str] = ("weight", "head", "act", "kv"),
         weights: Sequence[str] | None = None,
         acts: Sequence[str] | None = None,
         kv: Sequence[str] | None = None,
@@ -140,11 +153,12 @@ class SearchSpace:
         table.check_model(graph.fingerprint)
         if batch < 1 or context < 1:
             raise BitplanError(f"--batch and --context must be at least 1, got {batch} and {context}")
-        methods = {k: _pick_method(table, k, score_method if k != "kv" else None) for k in kinds}
+        methods = {k: _pick_method(table, k, score_method if k != "kv" else None) for k in kinds if k != "head"}
         gran = cast(Granularity, table.meta.granularity)
         scores: dict[tuple[str, str, str], float] = {}
+        head_scores = _head_scores(table, methods.get("weight")) if "head" in kinds else {}
         for r in table.rows:
-            if r.kind in methods and r.method == methods[r.kind]:
+            if r.kind in methods and r.method == methods[r.kind] and r.unit != HEAD:
                 label = _weight_label(r.format, r.quantizer) if r.kind == "weight" else r.format
                 scores[(r.kind, r.unit, label)] = max(0.0, r.score)
         keep = {"weight": _labels(weights, "weight"), "act": _labels(acts, "act"), "kv": _labels(kv, "kv")}
@@ -165,6 +179,8 @@ class SearchSpace:
         def allowed(kind: str, label: str, in_features: int = 0) -> bool:
             if not keep[kind]:
                 return True
+            if kind == "weight" and in_features not in fitted_keep:
+                fitted_keep[in_features] = {_fit_label(w, in_features) for w in keep["weight"]}
             return label in (fitted_keep[in_features] if kind == "weight" else keep[kind])
 
         decisions: list[Decision] = []
@@ -181,6 +197,16 @@ class SearchSpace:
                 decisions.append(
                     Decision(u.name, "weight", (int(u.layer or 0),), (u.name,), u.numel, u.in_features, tuple(opts))
                 )
+        head = graph.lm_head
+        if head_scores and head is not None:
+            copies = 2 if graph.tied_embeddings else 1
+            opts = [Option("bf16", 0.0, 16.0 * head.numel, 0.0, 16.0)]
+            for label, sc in sorted(head_scores.items()):
+                if allowed("weight", label, head.in_features):
+                    bits = float(parse_weight(label.partition("@")[0]).storage_bits(head.out_features, head.in_features))
+                    opts.append(Option(label, sc, copies * bits, 0.0, bits / head.numel))
+            opts[1:] = sorted(opts[1:], key=lambda o: (-o.storage_bits, o.score, o.label))
+            decisions.append(Decision(HEAD, "head", (), (HEAD,), head.numel, head.in_features, tuple(opts)))
         if "act" in kinds:
             for i in range(graph.num_layers):
                 unit = f"layers.{i}.acts"
@@ -223,11 +249,13 @@ class SearchSpace:
 
     # -- vectors the proxy sums ---------------------------------------------------------------------
     def arrays(self, name: str) -> list[np.ndarray]:
-        """Per decision, one value per option: ``score``, ``storage_bits``, ``kv_bytes``, ``kv_bits``."""
+        """Per decision, one value per option: ``score``, ``storage_bits`` (weights and head), ``unit_bits``
+        (decoder-layer weights only: the average-bits budget), ``kv_bytes``, ``kv_bits``."""
         if name not in self._arrays:
             get = {
                 "score": lambda d, o: o.score,
                 "storage_bits": lambda d, o: o.storage_bits,
+                "unit_bits": lambda d, o: o.storage_bits if d.kind == "weight" else 0.0,
                 "kv_bytes": lambda d, o: (o.kv_bytes_per_token * self.context + o.kv_fixed_bytes) * self.batch,
                 "kv_bits": lambda d, o: o.nominal_bits * len(d.layers) if d.kind == "kv" else 0.0,
             }[name]
@@ -240,8 +268,10 @@ class SearchSpace:
 
     @property
     def fixed_weight_bytes(self) -> float:
-        """Bytes of everything that is not a decision: 16-bit units left out of the space, embeddings, norms."""
-        decided = sum(d.params for d in self.decisions if d.kind == "weight")
+        """Bytes of everything that is not a decision: 16-bit units left out of the space, embeddings, norms.
+
+        A decided head takes its tensor out (a tied embedding shares it: the head decision's options count it)."""
+        decided = sum(d.params for d in self.decisions if d.kind in ("weight", "head"))
         return 2.0 * (self.graph.total_params - decided)
 
     @property
@@ -261,7 +291,7 @@ class SearchSpace:
         """The proxy's metrics of the choice ``index`` (one option index per decision)."""
         bits = self.total("storage_bits", index)
         undecided = self.unit_params - sum(d.params for d in self.decisions if d.kind == "weight")
-        unit_bits = bits + 16.0 * undecided
+        unit_bits = self.total("unit_bits", index) + 16.0 * undecided
         n_layers = self.graph.num_layers
         kv_bits = self.total("kv_bits", index) + 16.0 * (n_layers - len(self.kv_layers_decided))
         return ProxyMetrics(
@@ -291,7 +321,7 @@ class SearchSpace:
 
         A weight label's group is fitted to each unit as the profiler fitted it (``w4g64a`` on 576 inputs is
         ``w4g96a`` there, see :meth:`WeightFormat.fit_group`)."""
-        want = {"weight": weight or "bf16", "act": act or "a16", "kv": kv or "k16v16"}
+        want = {"weight": weight or "bf16", "head": "bf16", "act": act or "a16", "kv": kv or "k16v16"}
         out = []
         for d in self.decisions:
             label = want[d.kind]
@@ -311,7 +341,7 @@ class SearchSpace:
         kvs: dict[int, Any] = {}
         for d, j in zip(self.decisions, idx, strict=True):
             label = d.options[j].label
-            if d.kind == "weight":
+            if d.kind in ("weight", "head"):
                 fmt, _, method = label.partition("@")
                 weights[d.units[0]] = UnitChoice(parse_weight(fmt), method or "rtn")
             elif d.kind == "act":
@@ -322,7 +352,7 @@ class SearchSpace:
                           metadata=metadata, name_or_path=self.name_or_path)  # fmt: skip
 
     def describe(self) -> str:
-        by = {k: [d for d in self.decisions if d.kind == k] for k in ("weight", "act", "kv")}
+        by = {k: [d for d in self.decisions if d.kind == k] for k in ("weight", "head", "act", "kv")}
         size = sum(math.log10(len(d.options)) for d in self.decisions)
         parts = [f"{len(v)} {k} decisions ({sum(len(d.options) for d in v) / max(len(v), 1):.1f} options each)"
                  for k, v in by.items() if v]  # fmt: skip

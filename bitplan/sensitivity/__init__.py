@@ -9,6 +9,9 @@ token, as the mean KL(p_ref || p_quant) of next-token distributions:
 * ``fisher`` (fast): its second-order estimate from the Fisher at each unit's output, scoring all
   options of all units from one forward+backward per batch.
 
+The output head (kind ``head``: ``weight`` rows of unit ``lm_head``) is always measured, one forward per
+option (``_head``).
+
 The search adds these scores; :func:`additivity_check` measures how well that holds. Results go into a
 :class:`SensitivityTable` (Parquet with identity metadata, reused for the same inputs, resumable).
 """

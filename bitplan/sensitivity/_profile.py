@@ -32,17 +32,18 @@ _log = logging.getLogger("bitplan")
 
 
 def _methods_by_kind(method: str, kinds: Sequence[str]) -> dict[str, list[str]]:
-    """Which scoring methods fill which kind: Fisher does not score KV pairs, so KV is always measured.
+    """Which scoring methods fill which kind: Fisher does not score KV pairs or the output head, so those are
+    always measured (the head's rows are ``weight`` rows of unit ``lm_head``, see ``_head``).
 
     ``auto`` (the default) is Fisher for weights and activations and measured KL for KV pairs: on the main
     model Fisher sums rank whole plans as well as measured sums do at a fraction of the cost (the
     evidence is in bench/RESULTS.md, sections sensitivity-additivity and sensitivity-methods).
     """
     table = {
-        "fisher": {"weight": ["fisher"], "act": ["fisher"], "kv": []},
-        "kl": {"weight": ["kl"], "act": ["kl"], "kv": ["kl"]},
-        "both": {"weight": ["fisher", "kl"], "act": ["fisher", "kl"], "kv": ["kl"]},
-        "auto": {"weight": ["fisher"], "act": ["fisher"], "kv": ["kl"]},
+        "fisher": {"weight": ["fisher"], "head": ["kl"], "act": ["fisher"], "kv": []},
+        "kl": {"weight": ["kl"], "head": ["kl"], "act": ["kl"], "kv": ["kl"]},
+        "both": {"weight": ["fisher", "kl"], "head": ["kl"], "act": ["fisher", "kl"], "kv": ["kl"]},
+        "auto": {"weight": ["fisher"], "head": ["kl"], "act": ["fisher"], "kv": ["kl"]},
     }
     if method not in table:
         raise BitplanError(f"--method must be auto, fisher, kl or both, got {method!r}")
@@ -50,7 +51,9 @@ def _methods_by_kind(method: str, kinds: Sequence[str]) -> dict[str, list[str]]:
 
 
 def _expected_keys(graph: Any, candidates: Candidates, by_kind: dict[str, list[str]], granularity: str) -> set[tuple[str, ...]]:
-    keys: set[tuple[str, ...]] = set()
+    from bitplan.sensitivity._head import head_keys
+
+    keys: set[tuple[str, ...]] = set(head_keys(graph, candidates)) if "head" in by_kind else set()
     for m in by_kind.get("weight", []):
         for unit in graph.units(granularity):
             for opt in candidates.weight_options(unit.in_features):
@@ -69,7 +72,7 @@ def profile(
     candidates: Candidates | None = None,
     *,
     method: Method = "auto",
-    kinds: Sequence[str] = ("weight", "act", "kv"),
+    kinds: Sequence[str] = ("weight", "head", "act", "kv"),
     granularity: Literal["fused", "tensor"] = "fused",
     output: str | os.PathLike[str] | None = None,
     batch_size: int = 4,
@@ -89,9 +92,9 @@ def profile(
 
     dtype = dtype or compute_dtype_for(_param_device(model))
     candidates = candidates or Candidates()
-    bad = [k for k in kinds if k not in ("weight", "act", "kv")]
+    bad = [k for k in kinds if k not in ("weight", "head", "act", "kv")]
     if bad:
-        raise BitplanError(f"unknown kind(s) {', '.join(bad)}; kinds are weight, act, kv")
+        raise BitplanError(f"unknown kind(s) {', '.join(bad)}; kinds are weight, head, act, kv")
     by_kind = _methods_by_kind(method, kinds)
     graph = build_graph(model)
     meta = TableMeta(
@@ -131,8 +134,8 @@ def profile(
             store.append(fresh)
 
     timings: dict[str, float] = {}
-    fisher_kinds = tuple(k for k, ms in by_kind.items() if "fisher" in ms)
-    kl_kinds = tuple(k for k, ms in by_kind.items() if "kl" in ms)
+    fisher_kinds = tuple(k for k, ms in by_kind.items() if "fisher" in ms and k != "head")
+    kl_kinds = tuple(k for k, ms in by_kind.items() if "kl" in ms and k != "head")
     if fisher_kinds:
         todo = {k for k in wanted if k[4] == "fisher"} - done
         if todo:
@@ -152,6 +155,14 @@ def profile(
                 dtype=dtype, skip=set(done), on_rows=keep, progress=progress,
             ))  # fmt: skip
             timings["kl_seconds"] = time.perf_counter() - t
+    if "head" in by_kind:  # the output head: measured KL by every method (see _head)
+        todo = {k for k in wanted if k[0] == "lm_head"} - done
+        if todo:
+            from bitplan.sensitivity._head import head_scores
+
+            t = time.perf_counter()
+            keep(head_scores(model, calib, candidates, batch_size=batch_size, skip=set(done), progress=progress))
+            timings["head_seconds"] = time.perf_counter() - t
 
     extra: dict[str, Any] = {"timings": timings} if timings else {}
     kv_rows = [r for r in rows if r.kind == "kv" and r.method == "kl"]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
 from bitplan.errors import BitplanError, DataError
+from bitplan.formats import parse_weight
 from bitplan.graph import ModelGraph, build_graph
 from bitplan.search import SearchSpace
+from bitplan.sensitivity import SensitivityTable
 
 from ._synth import synth_table
 
@@ -137,3 +140,40 @@ def test_table_of_another_model_is_refused(graph: ModelGraph, make_random_lm: An
 def test_bad_batch_or_context(graph: ModelGraph) -> None:
     with pytest.raises(BitplanError, match="--batch and --context"):
         SearchSpace.from_table(synth_table(graph), graph, context=0)
+
+
+def test_the_head_is_its_own_decision_in_memory_and_latency_not_in_avg_bits(make_random_lm: Callable[..., Any]) -> None:
+    from bitplan.search._cost import BytesCostModel
+    from bitplan.sensitivity import ScoreRow
+
+    for arch in ("llama", "gpt2"):  # untied, tied
+        model = make_random_lm(arch)
+        graph = build_graph(model)
+        head = graph.lm_head
+        base = synth_table(graph)
+        rows = [*base.rows, ScoreRow("lm_head", -1, "weight", "w4g64a", "rtn", "kl", 0.002, params=head.numel)]
+        table = SensitivityTable(rows, base.meta)
+        space = SearchSpace.from_table(table, graph, kinds=("weight", "head"))
+        d = next(d for d in space.decisions if d.kind == "head")
+        assert d.name == "lm_head" and d.labels == ["bf16", "w4g64a"] and d.options[1].score == 0.002
+        assert "head" not in {x.kind for x in SearchSpace.from_table(table, graph, kinds=("weight",)).decisions}
+        off = space.index({})
+        on = space.index({"lm_head": "w4g64a"})
+        packed = parse_weight("w4g64a").storage_bits(head.out_features, head.in_features)
+        copies = 2 if graph.tied_embeddings else 1
+        m_off, m_on = space.metrics(off), space.metrics(on)
+        assert m_on.avg_weight_bits == m_off.avg_weight_bits == 16.0  # decoder units only
+        assert m_off.weight_bytes - m_on.weight_bytes == pytest.approx(2 * head.numel - copies * packed / 8, abs=1)
+        plan = space.to_plan(on)
+        assert plan.extra["lm_head"].format == parse_weight("w4g64a")
+        assert plan.summary().weight_bytes == pytest.approx(m_on.weight_bytes, abs=2)  # the plan agrees
+        assert space.metrics(space.index(plan_labels(space, plan))) == m_on
+        lat = BytesCostModel(bandwidth_gbs=1.0).latency(space)
+        read = packed / 8 * 1e3 / 1e9  # one copy read per step, tied or not
+        assert lat.total(off) - lat.total(on) == pytest.approx(2 * head.numel * 1e3 / 1e9 - read, rel=1e-9)
+
+
+def plan_labels(space: SearchSpace, plan: Any) -> dict[str, str]:
+    """{decision: label} of a plan made by the space (weights and head only)."""
+    choices = dict(plan.unit_choices())
+    return {d.name: str(choices[d.units[0]].format) for d in space.decisions if d.kind in ("weight", "head") and d.units[0] in choices}

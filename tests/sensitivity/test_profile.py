@@ -42,7 +42,9 @@ def test_profile_both_methods_covers_everything(model: Any, calib: CalibData, tm
     table = profile(model, calib, CANDIDATES, method="both", output=out, dtype=torch.float32, batch_size=1, progress=False)
     graph = build_graph(model)
     n_units, n_layers = len(graph.units()), graph.num_layers
-    assert len(table.select("weight", "kl")) == len(table.select("weight", "fisher")) == 2 * n_units
+    decoder = [r for r in table.select("weight", "kl") if r.unit != "lm_head"]
+    assert len(decoder) == len(table.select("weight", "fisher")) == 2 * n_units
+    assert len([r for r in table.rows if r.unit == "lm_head"]) == 2  # the head: measured, every method
     assert len(table.select("act", "kl")) == len(table.select("act", "fisher")) == n_layers
     assert len(table.select("kv", "kl")) == 2 * n_layers and not table.select("kv", "fisher")
     assert all(r.score >= 0 and r.tokens > 0 for r in table.rows)
@@ -56,8 +58,9 @@ def test_profile_both_methods_covers_everything(model: Any, calib: CalibData, tm
 def test_default_method_is_fisher_for_weights_and_acts_and_measured_kv(model: Any, calib: CalibData) -> None:
     table = profile(model, calib, CANDIDATES, dtype=torch.float32, batch_size=1, progress=False)
     graph = build_graph(model)
-    assert {(r.kind, r.method) for r in table.rows} == {("weight", "fisher"), ("act", "fisher"), ("kv", "kl")}
-    assert len(table.select("weight")) == 2 * len(graph.units())
+    assert {(r.kind, r.method) for r in table.rows if r.unit != "lm_head"} == {("weight", "fisher"), ("act", "fisher"), ("kv", "kl")}
+    assert {(r.kind, r.method) for r in table.rows if r.unit == "lm_head"} == {("weight", "kl")}
+    assert len(table.select("weight")) == 2 * len(graph.units()) + 2
     assert len(table.select("kv")) == 2 * graph.num_layers
 
 
