@@ -42,8 +42,10 @@ def apply_plan(
     ``kernels``: ``auto`` (fastest kernel holding the plan's bytes), ``fastest``, ``reference``, or one
     kernel's name (see :func:`bitplan.kernels.choose_kernel`); ``latency`` ranks kernels by measurement.
     Each ``QuantLinear`` records its kernel in ``.kernel``; :func:`kernel_counts` sums them up.
-    ``calib`` is reserved for calibrated methods (GPTQ, AWQ); calibration-free methods ignore it and a
-    method that needs it fails clearly when it is missing.
+    ``calib``: calibration token windows (``CalibData`` or ``[n, window]`` ids) for calibrated methods
+    (GPTQ): when any unit uses one, the whole model is quantized layer by layer in one streaming pass
+    (:mod:`bitplan._layerwise`), each layer calibrated on the outputs of the already-quantized layers
+    before it; calibration-free methods ignore it.
     """
     from bitplan.kernels import choose_kernel
     from bitplan.kvcache import install_kv_plan
@@ -66,21 +68,49 @@ def apply_plan(
     embedding = model.get_submodule(embed_path) if tied_head is not None and embed_path else None
     if tied_head is not None and not isinstance(embedding, nn.Embedding):
         raise BitplanError(f"the head is tied to {embed_path or 'an embedding'!s}, which is not an nn.Embedding; cannot quantize it")
-    for name, choice in tqdm(work, desc="apply", unit="unit", disable=not progress):
+    def replace(name: str, choice: Any, hessians: dict[str, torch.Tensor] | None = None) -> None:
         unit = units[name]
         act = acts[unit.layer] if unit.layer is not None else ActFormat()  # lm_head: 16-bit input
         if not choice.format.is_quantized and not act.is_quantized:
-            continue  # stays the model's own 16-bit linear
+            return  # stays the model's own 16-bit linear
         quantizer = get_weight_quantizer(choice.method)
-        if quantizer.needs_calibration and calib is None:
-            raise BitplanError(f"{name}: method {choice.method!r} needs calibration data; pass calib")
         for member in unit.members:
             module = model.get_submodule(member.path)
             with torch.no_grad():
-                qmod = QuantLinear.from_float(module, choice.format, act, method=choice.method)
+                qw = None
+                if choice.format.is_quantized and quantizer.needs_calibration:
+                    if hessians is None or member.path not in hessians:
+                        raise BitplanError(f"{name}: method {choice.method!r} needs calibration data; pass calib")
+                    qw = quantizer.quantize_hessian(_float_weight(module), choice.format, hessians[member.path])
+                qmod = QuantLinear.from_float(module, choice.format, act, method=choice.method, quantized=qw)
                 device = next(iter(qmod.buffers())).device
                 qmod.set_kernel(choose_kernel(qmod.spec, device, kernels, latency))
             model.set_submodule(member.path, qmod)
+
+    calibrated = {n for n, c in work if c.format.is_quantized and get_weight_quantizer(c.method).needs_calibration}
+    if "lm_head" in calibrated:
+        raise BitplanError("lm_head: calibrated methods are not supported for the head yet; use rtn or hqq there")
+    if calibrated:
+        if calib is None:
+            raise BitplanError(f"{min(calibrated)}: method {dict(work)[min(calibrated)].method!r} needs calibration data; pass calib")
+        from bitplan._layerwise import quantize_layerwise
+
+        by_layer: dict[int, list[tuple[str, Any]]] = {}
+        for name, choice in work:
+            if units[name].layer is not None:
+                by_layer.setdefault(int(units[name].layer or 0), []).append((name, choice))
+
+        def paths(i: int) -> list[str]:
+            return [m.path for n, _ in by_layer.get(i, []) if n in calibrated for m in units[n].members]
+
+        def quantize_layer(i: int, hessians: dict[str, torch.Tensor]) -> None:
+            for n, c in by_layer.get(i, []):
+                replace(n, c, hessians)
+
+        quantize_layerwise(model, graph, calib, quantize_layer, paths, progress=progress)
+        work = [(n, c) for n, c in work if units[n].layer is None]  # the head: after the layers
+    for name, choice in tqdm(work, desc="apply", unit="unit", disable=not progress):
+        replace(name, choice)
     if tied_head is not None and isinstance(embedding, nn.Embedding):
         # The head now has its own packed weight; the embedding gets the same format as gatherable rows.
         from bitplan.quantizers import QuantEmbedding
@@ -93,6 +123,12 @@ def apply_plan(
         install_kv_plan(model, plan.kv_formats())
     model.bitplan_plan = plan  # type: ignore[assignment]
     return model
+
+
+def _float_weight(module: nn.Module) -> torch.Tensor:
+    from bitplan.quantizers._modules import _linear_weight
+
+    return _linear_weight(module)[0]
 
 
 def kernel_counts(model: nn.Module) -> dict[str, int]:

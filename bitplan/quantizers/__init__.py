@@ -11,7 +11,7 @@ quantization.
     layer = QuantLinear.from_float(linear, "w4g64a", "a8t", method="hqq")
 """
 
-from bitplan.quantizers import _hqq, _rtn  # noqa: F401  (importing registers the methods)
+from bitplan.quantizers import _gptq, _hqq, _rtn  # noqa: F401  (importing registers the methods)
 from bitplan.quantizers._act import fake_quantize_act
 from bitplan.quantizers._base import (
     WEIGHT_QUANTIZERS,

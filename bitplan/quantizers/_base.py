@@ -289,6 +289,11 @@ class WeightQuantizer(ABC):
     ) -> QuantizedWeight:
         """Quantize ``weight [out, in]``; ``activations [n_tokens, in]`` are calibration inputs if needed."""
 
+    def quantize_hessian(self, weight: torch.Tensor, fmt: WeightFormat, h: torch.Tensor) -> QuantizedWeight:
+        """Quantize against the accumulated input statistics ``X^T X / n`` (layer-wise calibration); only
+        calibrated methods that work from the Hessian implement it."""
+        raise BitplanError(f"weight quantizer {self.name!r} does not quantize from a Hessian")
+
     def _prepare(
         self, weight: torch.Tensor, fmt: WeightFormat, activations: torch.Tensor | None = None
     ) -> torch.Tensor:

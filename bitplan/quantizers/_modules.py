@@ -172,8 +172,12 @@ class QuantLinear(_PackedStorage):
         *,
         method: str | WeightQuantizer = "rtn",
         activations: torch.Tensor | None = None,
+        quantized: QuantizedWeight | None = None,
     ) -> QuantLinear:
-        """Quantize an ``nn.Linear`` or a transformers GPT-2 ``Conv1D`` (weight ``[in, out]``)."""
+        """Quantize an ``nn.Linear`` or a transformers GPT-2 ``Conv1D`` (weight ``[in, out]``).
+
+        ``quantized``: the weight already quantized (by a layer-wise calibrated method); only the bias is
+        taken from ``module`` then."""
         weight, bias = _linear_weight(module)
         out_features, in_features = weight.shape
         fmt = _as_weight_format(fmt)
@@ -188,9 +192,9 @@ class QuantLinear(_PackedStorage):
             device=weight.device,
             dtype=bias.dtype if bias is not None else torch.float32,
         )
-        q._load_weight(
-            quantizer.quantize(weight, fmt, activations=activations) if fmt.is_quantized else weight
-        )
+        if quantized is None and fmt.is_quantized:
+            quantized = quantizer.quantize(weight, fmt, activations=activations)
+        q._load_weight(quantized if quantized is not None else weight)
         if q.bias is not None and bias is not None:
             q.bias.data.copy_(bias.detach())
         return q
