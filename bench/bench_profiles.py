@@ -275,7 +275,8 @@ def part_autotune(model, args) -> None:  # type: ignore[no-untyped-def]
         f"- search: decoder weights and the head (w8c, w4g64a, w4g32a, w3g64a; head scored by measured KL), Fisher scores at {args.calib_tokens} calibration tokens, "
         f"{args.trials} trials, latency objective and budget from the profile at context {args.context}; then latency "
         f"verification: front plans in proxy order timed next to the 16-bit model ({args.rounds} interleaved rounds x "
-        f"{args.latency_tokens} tokens from a pre-filled {args.context}-token context, median per-round ratio) until "
+        f"{args.latency_tokens} tokens from a pre-filled {args.context}-token context, median per-round ratio, within the "
+        f"budget less the default {cfg.latency_margin:.0%} margin) until "
         f"{args.verify_top} met the budget: {len(timing.get('timed', []))} timed, {len(timing.get('passing', []))} met it; "
         f"{search_s:.0f} s in all",
         "- re-measured: each timed plan again in a fresh process (load, apply with the profile's kernels, the same "

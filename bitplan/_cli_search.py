@@ -62,6 +62,8 @@ def add_search_parser(sub: Any) -> None:
                         "the latency budget when timed are picked (default auto: when --max-latency is given)")  # fmt: skip
     g.add_argument("--latency-rounds", type=int, default=5, help="paired timing rounds per plan (default 5)")
     g.add_argument("--latency-tokens", type=int, default=32, help="tokens decoded per model per round (default 32)")
+    g.add_argument("--latency-margin", type=float, default=0.03,
+                   help="a timed plan must meet the latency budget less this fraction (default 0.03: timing noise)")  # fmt: skip
     g.add_argument("--pick", choices=["quality", "memory", "latency"], default="quality",
                    help="best.json: lowest measured KL (default), least memory or least latency within budgets")  # fmt: skip
     sp.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory (reused: continues)")
@@ -89,7 +91,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         context=args.context, kinds=tuple(args.kinds.split(",")), weights=_split(args.weights), acts=_split(args.acts),
         kv=kv, prune_kv=not args.no_prune_kv, tie_clusters=args.tie_clusters, score_method=args.score_method,
         verify_k=args.verify_top, pick=args.pick, verify_latency=args.verify_latency,
-        latency_rounds=args.latency_rounds, latency_tokens=args.latency_tokens,
+        latency_rounds=args.latency_rounds, latency_tokens=args.latency_tokens, latency_margin=args.latency_margin,
     )  # fmt: skip
     inputs = PipelineInputs(
         model=args.model, calib=args.calib, tokens=args.tokens, window=args.window, sens_method=args.sens_method,

@@ -41,7 +41,9 @@ def calib_windows(calib: Any) -> torch.Tensor:
     return windows.reshape(1, -1) if windows.dim() == 1 else windows
 
 
-def _capture_first_layer(model: nn.Module, first: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+def _capture_first_layer(
+    model: nn.Module, first: nn.Module, batches: Iterable[torch.Tensor], device: torch.device
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
     def grab(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -83,7 +85,9 @@ class _Hessians:
         return {p: h / max(1, self.counts[p]) for p, h in self.sums.items()}
 
 
-def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+def _run_layer(
+    layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     out = []
     with torch.no_grad():
         for hidden, kwargs in inputs:

@@ -96,6 +96,12 @@ def cmd_plan_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs_calib(method: str) -> bool:
+    from bitplan.quantizers import get_weight_quantizer
+
+    return get_weight_quantizer(method).needs_calibration
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from bitplan.apply import apply_plan, held_weight_bytes, kernel_counts
     from bitplan.eval import evaluate
@@ -108,9 +114,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
         from bitplan.profiles import ProfileIndex, load_profile
 
         latency = ProfileIndex(load_profile(args.profile, "cpu", allow_foreign=args.allow_foreign_profile)).kernel_latency()
+    calibrated = sorted({c.method for _, c in plan.unit_choices() if c.format.is_quantized and _needs_calib(c.method)})
+    if calibrated and not args.calib:
+        raise BitplanError(f"the plan uses calibrated method(s) {', '.join(calibrated)}: pass --calib FILE (calibration text)")
     model = _load(args)
+    calib = None
+    if calibrated:
+        from bitplan.loading import load_tokenizer
+        from bitplan.sensitivity import load_calib
+
+        calib = load_calib(load_tokenizer(args.model), args.calib, args.calib_tokens, args.calib_window)
     t_load = time.perf_counter()
-    apply_plan(model, plan, kernels=args.kernels, latency=latency, progress=not args.json)
+    apply_plan(model, plan, kernels=args.kernels, latency=latency, progress=not args.json, calib=calib)
     t_apply = time.perf_counter()
     plan = model.bitplan_plan
     s = plan.summary()
@@ -131,6 +146,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     t_end = time.perf_counter()
     out["seconds"] = round(t_end - t0, 3)
     out["stage_seconds"] = {"load": round(t_load - t0, 3), "apply": round(t_apply - t_load, 3), "eval": round(t_end - t_apply, 3)}
+    if calib is not None:
+        out["calibration"] = {"methods": calibrated, "tokens": calib.tokens, "seconds": out["stage_seconds"]["apply"]}
     if args.json:
         _print_json(out)
     else:
@@ -225,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-tokens", type=int, default=32768, help="tokens of --eval to use (default 32768)")
     sp.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
     sp.add_argument("--no-kl", action="store_true", help="skip KL against the unquantized model (saves a second model)")
+    sp.add_argument("--calib", metavar="FILE", help="calibration text for calibrated methods (gptq); never the --eval text")
+    sp.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    sp.add_argument("--calib-window", type=int, default=2048, help="tokens per calibration window (default 2048)")
     sp.add_argument("--kernels", default="auto", metavar="POLICY",
                     help="auto (fastest kernel holding the plan's bytes, default), fastest, reference, or a kernel name")
     sp.add_argument("--profile", metavar="PARQUET", help="hardware profile: rank kernels by its measured latency")

@@ -88,7 +88,9 @@ class GPTQ(WeightQuantizer):
 
     def quantize_hessian(self, weight: torch.Tensor, fmt: WeightFormat, h: torch.Tensor) -> QuantizedWeight:
         """GPTQ against an accumulated ``H [in, in]`` (see :func:`hessian`; any positive scale works)."""
-        w = self._prepare(weight, fmt, torch.empty(0, weight.shape[1]))  # the Hessian stands for the activations
+        w = self._prepare(
+            weight, fmt, torch.empty(0, weight.shape[1])
+        )  # the Hessian stands for the activations
         out, inp = w.shape
         if tuple(h.shape) != (inp, inp):
             raise ValueError(f"the Hessian must be [{inp}, {inp}], got {tuple(h.shape)}")
@@ -120,7 +122,11 @@ class GPTQ(WeightQuantizer):
                 col = int(perm[b0 + j])  # the original input column
                 grp = col // g
                 if not self.act_order and col % g == 0:  # a new group: its grid from the updated weights
-                    rest = wb[:, j : j + g] if j + g <= b1 - b0 else torch.cat([wb[:, j:], w[:, b1 : b0 + j + g]], 1)
+                    rest = (
+                        wb[:, j : j + g]
+                        if j + g <= b1 - b0
+                        else torch.cat([wb[:, j:], w[:, b1 : b0 + j + g]], 1)
+                    )
                     s, o = minmax_params(rest.amin(-1, keepdim=True), rest.amax(-1, keepdim=True), fmt)
                     scales[:, grp] = s[:, 0]
                     if offsets is not None and o is not None:

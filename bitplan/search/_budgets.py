@@ -109,14 +109,14 @@ class Budgets:
     def has_latency(self) -> bool:
         return self.max_latency_ms is not None or self.max_latency_ratio is not None
 
-    def latency_met(self, ms: float, ratio: float) -> bool | None:
+    def latency_met(self, ms: float, ratio: float, margin: float = 0.0) -> bool | None:
         """Whether a *measured* decode latency (``ms``, and ``ratio`` to the 16-bit model timed alongside)
-        meets the latency budget; None without one. A ratio budget is checked on the ratio, never on ms
-        from another run of the 16-bit model."""
+        meets the latency budget with ``margin`` to spare (0.03: within 97% of it); None without one. A
+        ratio budget is checked on the ratio, never on ms from another run of the 16-bit model."""
         if self.max_latency_ratio is not None:
-            return ratio <= self.max_latency_ratio
+            return ratio <= self.max_latency_ratio * (1.0 - margin)
         if self.max_latency_ms is not None:
-            return ms <= self.max_latency_ms
+            return ms <= self.max_latency_ms * (1.0 - margin)
         return None
 
     def active(self) -> list[str]:

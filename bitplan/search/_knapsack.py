@@ -380,7 +380,9 @@ def _describe(space: SearchSpace, idx: Sequence[int], resource: Resource) -> str
             continue
         n, noun = sum(counts.values()), {"weight": "units", "head": "head", "act": "layers", "kv": "layers"}[kind]
         top = counts.most_common(2)
-        if len(counts) == 1:
+        if kind == "head":
+            text = top[0][0]
+        elif len(counts) == 1:
             text = f"{top[0][0]} everywhere"
         else:
             text = f"{top[0][0]} on {top[0][1]} of {n} {noun}, {top[1][0]} on {top[1][1]}"

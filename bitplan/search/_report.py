@@ -276,6 +276,7 @@ def write_outputs(
     budgets: Budgets | None = None,
     latency_source: str = "",
     extra_summary: Mapping[str, Any] | None = None,
+    latency_margin: float = 0.0,
 ) -> dict[str, Any]:
     """Write ``front/plan-NN.json``, ``trials.parquet``, ``best.json`` and ``report.html`` into ``run_dir``.
 
@@ -283,7 +284,8 @@ def write_outputs(
     numbers :func:`~bitplan.search._verify.record_verification` stored, even after the list was taken.
     ``best_pick``: ``quality`` (lowest measured KL among verified plans, else lowest proxy KL), ``memory``
     or ``latency``. ``extra_summary`` goes into the returned summary and the report (``stage_seconds``,
-    ``agreement``, ``space``, ... are shown; ``model`` overrides the space's model name). Returns the
+    ``agreement``, ``space``, ... are shown; ``model`` overrides the space's model name). ``latency_margin``:
+    a timed plan meets the latency budget only within it less this fraction (see ``_latency``). Returns the
     summary: paths (``front``, ``trials``, ``best``, ``report``), ``best_trial``, ``best_metrics``.
     """
     if best_pick not in PICKS:
@@ -300,7 +302,7 @@ def write_outputs(
 
     budgets_ = budgets or Budgets()
     rows = [_Row(i, t, _proxy(t, space), _verification(t), is_feasible(t), _named(t, names),
-                 front_dir / f"plan-{i:0{width}d}.json", _latency(t), latency_ok(budgets_, t.user_attrs))
+                 front_dir / f"plan-{i:0{width}d}.json", _latency(t), latency_ok(budgets_, t.user_attrs, latency_margin))
             for i, t in enumerate(trials, 1)]  # fmt: skip
     common = {"budgets": budgets.to_dict() if budgets else None, "latency_source": latency_source}
     plans = {}

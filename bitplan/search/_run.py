@@ -69,6 +69,7 @@ class SearchConfig:
     verify_latency: str = "auto"  # time the front's decoding: auto = when a latency budget is set; on; off
     latency_rounds: int = 5
     latency_tokens: int = 32  # decoded tokens per model per round
+    latency_margin: float = 0.03  # timed plans must meet the latency budget less this fraction
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -81,6 +82,8 @@ class SearchConfig:
             raise BitplanError(f"--pick must be quality, memory or latency, got {self.pick!r}")
         if self.verify_latency not in ("auto", "on", "off"):
             raise BitplanError(f"--verify-latency must be auto, on or off, got {self.verify_latency!r}")
+        if not 0.0 <= self.latency_margin < 1.0:
+            raise BitplanError(f"--latency-margin must be in [0, 1), got {self.latency_margin}")
         if self.latency_rounds < 1 or self.latency_tokens < 1:
             raise BitplanError(f"--latency-rounds and --latency-tokens must be at least 1, got {self.latency_rounds}, {self.latency_tokens}")
 
@@ -235,7 +238,8 @@ def search(
         from bitplan.search._latency import verify_latency
 
         timing = verify_latency(study, model, space, pareto, config.budgets, k=config.verify_k, new=config.latency_tokens,
-                                rounds=config.latency_rounds, kernel_latency=cost_model.kernel_latency(), progress=progress)  # fmt: skip
+                                rounds=config.latency_rounds, margin=config.latency_margin,
+                                kernel_latency=cost_model.kernel_latency(), progress=progress)  # fmt: skip
         if config.budgets.has_latency:  # only plans that met the budget when timed go on to quality verification
             candidates = [tr for tr in pareto if tr.number in set(timing["passing"])]
     stages["time_latency"] = time.perf_counter() - t
@@ -274,7 +278,7 @@ def search(
         "stage_seconds": stages,
     }
     summary = write_outputs(run_dir, study, space, pareto, best_pick=config.pick, budgets=config.budgets,
-                            latency_source=latency.source, extra_summary=extra)  # fmt: skip
+                            latency_source=latency.source, extra_summary=extra, latency_margin=config.latency_margin)  # fmt: skip
     stages["outputs"] = time.perf_counter() - t
     best = summary.get("best_trial")
     best_path = Path(summary["best"]) if summary.get("best") else None

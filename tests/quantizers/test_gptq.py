@@ -34,11 +34,15 @@ class _WithInputs(WeightQuantizer):
     def supports(self, fmt: WeightFormat) -> bool:
         return self.inner.supports(fmt)
 
-    def quantize(self, weight: torch.Tensor, fmt: WeightFormat, *, activations: torch.Tensor | None = None) -> QuantizedWeight:
+    def quantize(
+        self, weight: torch.Tensor, fmt: WeightFormat, *, activations: torch.Tensor | None = None
+    ) -> QuantizedWeight:
         if weight.dim() != 2:
             return self.inner.quantize(weight, fmt, activations=torch.zeros(1, 1))
         g = torch.Generator().manual_seed(int(weight.shape[1]))
-        return self.inner.quantize(weight, fmt, activations=torch.randn(4 * weight.shape[1], weight.shape[1], generator=g))
+        return self.inner.quantize(
+            weight, fmt, activations=torch.randn(4 * weight.shape[1], weight.shape[1], generator=g)
+        )
 
 
 class TestGPTQ(WeightQuantizerContract):
@@ -96,13 +100,15 @@ def test_rank_deficient_inputs_and_dead_channels() -> None:
     qw = get_weight_quantizer("gptq").quantize(w, parse_weight("w4g32a"), activations=x)
     deq = qw.dequantize()
     assert torch.isfinite(deq).all()
-    assert torch.allclose(deq[:, 7], torch.zeros(16), atol=float(qw.scales.float().max()))  # zeroed, up to the grid
-    assert _out_err(qw, w, x) < _out_err(get_weight_quantizer("rtn").quantize(w, parse_weight("w4g32a")), w, x)
+    assert torch.allclose(
+        deq[:, 7], torch.zeros(16), atol=float(qw.scales.float().max())
+    )  # zeroed, up to the grid
+    assert _out_err(qw, w, x) < _out_err(
+        get_weight_quantizer("rtn").quantize(w, parse_weight("w4g32a")), w, x
+    )
 
 
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="percdamp"):
         get_weight_quantizer("gptq", percdamp=0.0)
     assert "act_order=True" in repr(get_weight_quantizer("gptq", act_order=True))
-
-

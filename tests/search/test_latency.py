@@ -75,6 +75,9 @@ def test_latency_ok_checks_ratio_budgets_on_the_ratio_and_ms_budgets_on_ms() -> 
     assert latency_ok(Budgets(max_latency_ratio=0.9), attrs) is False
     assert latency_ok(Budgets(max_latency_ms=11.0), attrs) is False
     assert latency_ok(Budgets(max_latency_ms=12.0), attrs) is True
+    assert latency_ok(Budgets(max_latency_ratio=1.0), attrs, margin=0.03) is True  # 0.95 <= 0.97
+    assert latency_ok(Budgets(max_latency_ratio=0.97), attrs, margin=0.03) is False  # 0.95 > 0.9409
+    assert latency_ok(Budgets(max_latency_ms=12.0), attrs, margin=0.03) is False
     assert latency_ok(Budgets(max_memory=1e9), attrs) is None  # no latency budget
     assert latency_ok(Budgets(max_latency_ratio=1.0), {}) is None  # not timed
 
