@@ -142,3 +142,17 @@ def test_console_script_and_debug_traceback(model_dir: Path, tmp_path: Path) -> 
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1
     done = subprocess.run([*cmd, "--debug", "apply", "--model", str(model_dir), "--plan", str(bad)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_gptq_plan_applies_with_calib_and_refuses_without(tiny_model_path: Path, wikitext_calib: Path, wikitext_test: Path,
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    plan = tmp_path / "gptq.json"
+    assert run(capsys, "plan", "uniform", "--model", str(tiny_model_path), "--weights", "w3g64a", "--method", "gptq", "-o", str(plan))[0] == 0
+    code, _, err = run(capsys, "apply", "--model", str(tiny_model_path), "--plan", str(plan), "--json")
+    assert code == 2 and "gptq" in err and "--calib" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = run(capsys, "apply", "--model", str(tiny_model_path), "--plan", str(plan), "--calib", str(wikitext_calib),
+                       "--calib-tokens", "1024", "--calib-window", "256", "--eval", str(wikitext_test), "--max-tokens", "512",
+                       "--window", "256", "--json")  # fmt: skip
+    res = json.loads(out)
+    assert code == 0 and res["calibration"]["methods"] == ["gptq"] and res["calibration"]["tokens"] == 1024
+    assert res["ppl"] > 0 and res["kl"] > 0
