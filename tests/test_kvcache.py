@@ -20,6 +20,7 @@ from bitplan.kvcache import (
     kv_geometry,
     uninstall_kv_plan,
 )
+from bitplan.loading import cache_kwarg
 from bitplan.quantizers.kv import fake_quantize_kv
 
 STORIES = Path(__file__).resolve().parents[1].parent / "shared/models/stories260k"
@@ -193,9 +194,9 @@ def test_layer_crop_and_reset() -> None:
 def _chunked_logits(model: LlamaForCausalLM, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Prefill 20 tokens, then decode the rest one token at a time through ``cache``."""
     with torch.no_grad():
-        out = [model(ids[:, :20], past_key_values=cache, use_cache=True).logits]
+        out = [model(ids[:, :20], use_cache=True, **{cache_kwarg(model): cache}).logits]
         out += [
-            model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits
+            model(ids[:, i : i + 1], use_cache=True, **{cache_kwarg(model): cache}).logits
             for i in range(20, ids.shape[1])
         ]
     return torch.cat(out, 1)
@@ -215,7 +216,7 @@ def test_k16v16_identical_to_dynamic_cache(model: LlamaForCausalLM, ids: torch.T
         # beam search through the raw MixedKVLayer path reorders exactly like DynamicCache
         beams_ref = _gen(model, ids[:, :10], max_new_tokens=12, num_beams=3, do_sample=False)
         raw = Cache(layers=[MixedKVLayer("k16v16g8"), MixedKVLayer("k16v16g8r2")])
-        beams = _gen(model, ids[:, :10], max_new_tokens=12, num_beams=3, do_sample=False, past_key_values=raw)
+        beams = _gen(model, ids[:, :10], max_new_tokens=12, num_beams=3, do_sample=False, **{cache_kwarg(model): raw})
         assert beams.equal(beams_ref)
     finally:
         uninstall_kv_plan(model)
@@ -227,9 +228,9 @@ def test_quantized_logits_bounded_and_monotone(model: LlamaForCausalLM, ids: tor
         ref = model(ids).logits
         for fmt in ("k8v8g8", "k4v4g8", "k2v2g8"):
             cache = kv_cache_for(model, [fmt, fmt])
-            first = model(ids[:, :32], past_key_values=cache, use_cache=True).logits
+            first = model(ids[:, :32], use_cache=True, **{cache_kwarg(model): cache}).logits
             assert first.equal(ref[:, :32])  # a window's own tokens attend to each other exactly
-            second = model(ids[:, 32:], past_key_values=cache, use_cache=True).logits
+            second = model(ids[:, 32:], use_cache=True, **{cache_kwarg(model): cache}).logits
             errs.append((second - ref[:, 32:]).abs().max().item())
     assert errs[0] < 5e-3 and 0 < errs[0] < errs[1] < errs[2], errs
 
@@ -245,7 +246,7 @@ def test_generate_uses_installed_plan(model: LlamaForCausalLM, ids: torch.Tensor
         assert out.sequences.equal(ref)  # 8-bit K/V does not change a short greedy continuation
         # an explicit cache is left alone
         own = _gen(
-            model, prompt, max_new_tokens=4, past_key_values=DynamicCache(), return_dict_in_generate=True
+            model, prompt, max_new_tokens=4, return_dict_in_generate=True, **{cache_kwarg(model): DynamicCache()}
         )
         assert type(own.past_key_values) is DynamicCache
     finally:
@@ -276,9 +277,9 @@ def test_cache_nbytes_matches_formats(model: LlamaForCausalLM, ids: torch.Tensor
     fmts = [parse_kv("k4v2g8"), parse_kv("k2v2g8r8")]
     cache = kv_cache_for(model, fmts)
     with torch.no_grad():
-        model(ids[:, :21], past_key_values=cache, use_cache=True)
+        model(ids[:, :21], use_cache=True, **{cache_kwarg(model): cache})
         for i in range(21, 31):
-            model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+            model(ids[:, i : i + 1], use_cache=True, **{cache_kwarg(model): cache})
     assert cache.stored_tokens() == [24, 16] and cache.get_seq_length() == 31
     b = ids.shape[0]
     expected = 0.0
@@ -356,9 +357,9 @@ def test_stories_first_token_kl_monotone_in_bits(stories: tuple[torch.nn.Module,
         kls = []
         for bits in (8, 4, 2):
             cache = kv_cache_for(m, [KVFormat(bits, bits)] * n_layers)
-            m(ctx[:, :64], past_key_values=cache, use_cache=True)  # two whole groups of 32: all quantized
+            m(ctx[:, :64], use_cache=True, **{cache_kwarg(m): cache})  # two whole groups of 32: all quantized
             assert cache.stored_tokens() == [64] * n_layers
-            lp = m(ctx[:, 64:], past_key_values=cache, use_cache=True).logits[0, -1].log_softmax(-1)
+            lp = m(ctx[:, 64:], use_cache=True, **{cache_kwarg(m): cache}).logits[0, -1].log_softmax(-1)
             kls.append(float((ref.exp() * (ref - lp)).sum()))
     assert 0 < kls[0] < kls[1] < kls[2], kls
     assert kls[0] < 1e-4 and kls[2] > 10 * kls[1], kls
