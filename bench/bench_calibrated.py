@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,8 +30,27 @@ from bitplan.eval import ReferenceLogProbs, load_tokens  # noqa: E402
 from bitplan.sensitivity import load_calib  # noqa: E402
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+class _RSSPeak:
+    """Polls this process's RSS in a thread: the high-water mark of one stage (``ru_maxrss`` only ever
+    grows, so it cannot see a stage that stays below an earlier peak, such as the reference pass's)."""
+
+    def __init__(self, every_s: float = 0.05) -> None:
+        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> _RSSPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
 
 
 def main() -> None:
@@ -66,12 +85,13 @@ def main() -> None:
         for method in args.methods.split(","):
             model = copy.deepcopy(base)
             trim()
-            rss0, peak0 = rss_bytes(), _peak_rss()
+            rss0 = rss_bytes()
             t = time.perf_counter()
             plan = bitplan.uniform_plan(model, fmt, method=method, name_or_path=args.model)
-            bitplan.apply_plan(model, plan, kernels="reference", calib=calib if method == "gptq" else None)
+            with _RSSPeak() as watch:
+                bitplan.apply_plan(model, plan, kernels="reference", calib=calib if method == "gptq" else None)
             q_s = time.perf_counter() - t
-            peak = max(0, _peak_rss() - max(peak0, rss0))
+            peak = max(0, watch.peak - rss0)
             r = bitplan.evaluate(
                 model, tokens=tokens, window=args.window, reference=reference, batch_size=4, progress=False
             )
@@ -90,8 +110,8 @@ def main() -> None:
         f"- calibration (gptq): {calib.tokens} tokens of `{Path(args.calib).name}` in {calib.num_windows} windows of "
         f"{calib.window}, one layer-wise pass (each layer's Hessians from the already-quantized layers' outputs); GPTQ "
         "blocks of 128 columns, 1% damping, no act-order; quantize time includes the pass",
-        "- peak: growth of the process's peak RSS while quantizing, over the larger of the model copy's RSS and the "
-        "peak before (the copy itself not counted)",
+        "- peak: the highest RSS while quantizing (polled every 50 ms) minus the RSS before, with the model copy "
+        "already held: the extra memory of the method (activations, Hessians, one unit's float copy)",
         "",
         "| format | method | avg bits | ppl | KL | quantize s | peak MB |",
         "|---|---|---:|---:|---:|---:|---:|",
