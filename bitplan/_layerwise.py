@@ -8,6 +8,9 @@ layer, (1) run it on every calibration batch with hooks that accumulate each cal
 ``X^T X``, (2) quantize the layer's units as the plan says, (3) run the *quantized* layer on the same
 batches, whose outputs become the next layer's inputs. Only one layer's hidden states (the calibration
 tokens x hidden size, in the model's dtype) and the Hessians of one layer's linears are held at a time.
+Windows go through one at a time (``batch_size=1``): a layer's attention workspace and the causal mask the
+model passes every layer grow with the batch (4 x 2048-token windows: +671 MB on SmolLM2-135M, most of
+it attention scores and masks), and the pass is bound by the quantization, not by batching.
 The KV cache is not used (``use_cache=False``): calibration is a prefill of whole windows.
 """
 
@@ -103,7 +106,7 @@ def quantize_layerwise(
     quantize_layer: Callable[[int, dict[str, torch.Tensor]], None],
     hessian_paths: Callable[[int], list[str]],
     *,
-    batch_size: int = 4,
+    batch_size: int = 1,
     progress: bool = False,
 ) -> dict[str, float]:
     """Run the layer-wise pass; ``quantize_layer(i, hessians)`` replaces layer ``i``'s units in place.
