@@ -51,7 +51,7 @@ def _capture_first_layer(
 
     def grab(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        captured.append((hidden.detach(), dict(kwargs)))
         raise _Stop
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)

@@ -25,7 +25,7 @@ from bitplan.plan import Plan
 if TYPE_CHECKING:
     from bitplan.kernels._base import LatencyFn
 
-__all__ = ["apply_plan", "held_weight_bytes", "kernel_counts"]
+__all__ = ["apply_plan", "calibrated_units", "held_weight_bytes", "kernel_counts"]
 
 
 def apply_plan(
@@ -49,7 +49,7 @@ def apply_plan(
     """
     from bitplan.kernels import choose_kernel
     from bitplan.kvcache import install_kv_plan
-    from bitplan.quantizers import QuantLinear, get_weight_quantizer
+    from bitplan.quantizers import QuantLinear
 
     if getattr(model, "bitplan_plan", None) is not None:
         raise BitplanError("this model already has a plan applied; load a fresh copy to apply another")
@@ -73,26 +73,22 @@ def apply_plan(
         act = acts[unit.layer] if unit.layer is not None else ActFormat()  # lm_head: 16-bit input
         if not choice.format.is_quantized and not act.is_quantized:
             return  # stays the model's own 16-bit linear
-        quantizer = get_weight_quantizer(choice.method)
         for member in unit.members:
             module = model.get_submodule(member.path)
             with torch.no_grad():
-                qw = None
-                if choice.format.is_quantized and quantizer.needs_calibration:
-                    if hessians is None or member.path not in hessians:
-                        raise BitplanError(f"{name}: method {choice.method!r} needs calibration data; pass calib")
-                    qw = quantizer.quantize_hessian(_float_weight(module), choice.format, hessians[member.path])
-                qmod = QuantLinear.from_float(module, choice.format, act, method=choice.method, quantized=qw)
+                h = (hessians or {}).get(member.path)
+                qmod = QuantLinear.from_float(module, choice.format, act, method=choice.method, hessian=h)
                 device = next(iter(qmod.buffers())).device
                 qmod.set_kernel(choose_kernel(qmod.spec, device, kernels, latency))
             model.set_submodule(member.path, qmod)
 
-    calibrated = {n for n, c in work if c.format.is_quantized and get_weight_quantizer(c.method).needs_calibration}
+    calibrated = calibrated_units(plan)
     if "lm_head" in calibrated:
         raise BitplanError("lm_head: calibrated methods are not supported for the head yet; use rtn or hqq there")
     if calibrated:
         if calib is None:
-            raise BitplanError(f"{min(calibrated)}: method {dict(work)[min(calibrated)].method!r} needs calibration data; pass calib")
+            first = min(calibrated)
+            raise BitplanError(f"{first}: method {calibrated[first]!r} needs calibration data; pass calib")
         from bitplan._layerwise import quantize_layerwise
 
         by_layer: dict[int, list[tuple[str, Any]]] = {}
@@ -125,10 +121,12 @@ def apply_plan(
     return model
 
 
-def _float_weight(module: nn.Module) -> torch.Tensor:
-    from bitplan.quantizers._modules import _linear_weight
+def calibrated_units(plan: Plan) -> dict[str, str]:
+    """``{unit: method}`` of the plan's quantized units whose method needs calibration data (gptq)."""
+    from bitplan.quantizers import get_weight_quantizer
 
-    return _linear_weight(module)[0]
+    return {n: c.method for n, c in plan.unit_choices()
+            if c.format.is_quantized and get_weight_quantizer(c.method).needs_calibration}  # fmt: skip
 
 
 def kernel_counts(model: nn.Module) -> dict[str, int]:

@@ -96,14 +96,8 @@ def cmd_plan_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _needs_calib(method: str) -> bool:
-    from bitplan.quantizers import get_weight_quantizer
-
-    return get_weight_quantizer(method).needs_calibration
-
-
 def cmd_apply(args: argparse.Namespace) -> int:
-    from bitplan.apply import apply_plan, held_weight_bytes, kernel_counts
+    from bitplan.apply import apply_plan, calibrated_units, held_weight_bytes, kernel_counts
     from bitplan.eval import evaluate
     from bitplan.plan import Plan
 
@@ -114,7 +108,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         from bitplan.profiles import ProfileIndex, load_profile
 
         latency = ProfileIndex(load_profile(args.profile, "cpu", allow_foreign=args.allow_foreign_profile)).kernel_latency()
-    calibrated = sorted({c.method for _, c in plan.unit_choices() if c.format.is_quantized and _needs_calib(c.method)})
+    calibrated = sorted(set(calibrated_units(plan).values()))
     if calibrated and not args.calib:
         raise BitplanError(f"the plan uses calibrated method(s) {', '.join(calibrated)}: pass --calib FILE (calibration text)")
     model = _load(args)

@@ -28,7 +28,6 @@ from bitplan.search._space import SearchSpace
 __all__ = ["ProfileCostModel", "load_profile"]
 
 _A16 = ActFormat()
-_SIXTEEN = parse_weight("bf16")
 
 
 def load_profile(path: str | os.PathLike[str], device: str = "cpu", *, allow_foreign: bool = False) -> HardwareProfile:
@@ -69,12 +68,13 @@ class ProfileCostModel(CostModel):
         stub = idx.stub.get("decode", 0.0)
         units = {u.name: u for u in g.units(space.granularity)}
         layer_units = {i: [u for u in units.values() if u.layer == i] for i in range(g.num_layers)}
+        linears = g.unit_map(space.granularity, include_head=True)
 
         def unit_ms(unit_name: str, label: str, act: ActFormat = _A16) -> float:
             fmt = parse_weight(label.partition("@")[0])
             return sum(
                 idx.linear_ms("decode", (m.out_features, m.in_features), fmt.fit_group(m.in_features), act)[0] - stub
-                for m in units[unit_name].members
+                for m in linears[unit_name].members
             )
 
         per: list[np.ndarray] = []
@@ -84,12 +84,7 @@ class ProfileCostModel(CostModel):
                 per.append(np.array([sum(unit_ms(u, o.label) for u in d.units) for o in d.options]))
                 decided_units.update(d.units)
             elif d.kind == "head":  # the skeleton ran the 16-bit head: charge the change
-                head = g.lm_head
-                assert head is not None
-                shape = (head.out_features, head.in_features)
-                ms16 = idx.linear_ms("decode", shape, _SIXTEEN, _A16)[0]
-                per.append(np.array([idx.linear_ms("decode", shape, parse_weight(o.label.partition("@")[0]).fit_group(shape[1]), _A16)[0] - ms16
-                                     for o in d.options]))  # fmt: skip
+                per.append(np.array([unit_ms(d.name, o.label) - unit_ms(d.name, "bf16") for o in d.options]))
             elif d.kind == "act":
                 base = sum(unit_ms(u.name, "bf16") for i in d.layers for u in layer_units[i])
                 per.append(np.array([sum(unit_ms(u.name, "bf16", parse_act(o.label)) for i in d.layers for u in layer_units[i]) - base

@@ -20,6 +20,7 @@ timed steps equals ``context``.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -50,12 +51,8 @@ class _Decoder:
         self.key = cache_kwarg(model)
         self.cache = cache_for(model) or DynamicCache()
         self.ids = ids.to(self.device)
-        import inspect
-
         params = inspect.signature(model.forward).parameters
-        last = (
-            {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        )  # skip a (prompt x vocab) logits tensor
+        last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # skip a (prompt x vocab) logits tensor
         with torch.inference_mode():
             if self.ids.shape[1] > 1:
                 model(self.ids[:, :-1], use_cache=True, **last, **{self.key: self.cache})
@@ -100,10 +97,9 @@ def paired_decode_ms(
         raise BitplanError(
             f"paired decode timing needs context, new, rounds, batch >= 1; got {context}, {new}, {rounds}, {batch}"
         )
-    vocab = int(models[0].config.vocab_size)
-    prompt = max(2, context - new * rounds // 2)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(min(100, vocab // 2), vocab, (batch, prompt), generator=g)
+    from bitplan.profiles._measure import _prompt
+
+    ids = _prompt(models[0], batch, max(2, context - new * rounds // 2), seed)
     decoders = [_Decoder(m, ids) for m in models]
     for d in decoders:  # warm-up: first generate() call, allocator growth, kernel caches
         d.step_ms(min(new, 4))

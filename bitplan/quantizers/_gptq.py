@@ -38,10 +38,10 @@ from bitplan.quantizers._base import (
     WeightQuantizer,
     decode_groups,
     encode_groups,
-    group_view,
     minmax_params,
     register_weight_quantizer,
 )
+from bitplan.quantizers._rtn import RTN
 
 __all__ = ["GPTQ", "hessian"]
 
@@ -84,16 +84,18 @@ class GPTQ(WeightQuantizer):
     ) -> QuantizedWeight:
         w = self._prepare(weight, fmt, activations)
         assert activations is not None  # _prepare raised otherwise
-        return self.quantize_hessian(w, fmt, hessian(activations.to(w.device)))
+        return self._run(w, fmt, hessian(activations.to(w.device)))
 
     def quantize_hessian(self, weight: torch.Tensor, fmt: WeightFormat, h: torch.Tensor) -> QuantizedWeight:
         """GPTQ against an accumulated ``H [in, in]`` (see :func:`hessian`; any positive scale works)."""
-        w = self._prepare(
-            weight, fmt, torch.empty(0, weight.shape[1])
-        )  # the Hessian stands for the activations
-        out, inp = w.shape
+        inp = weight.shape[-1]
         if tuple(h.shape) != (inp, inp):
             raise ValueError(f"the Hessian must be [{inp}, {inp}], got {tuple(h.shape)}")
+        return self._run(self._prepare(weight, fmt, h), fmt, h)  # H [in, in] stands in for the activations
+
+    def _run(self, w: torch.Tensor, fmt: WeightFormat, h: torch.Tensor) -> QuantizedWeight:
+        """The algorithm, on a prepared float32 copy ``w`` (updated in place)."""
+        out, inp = w.shape
         h = h.to(w.device, torch.float64).clone()
         dead = torch.diagonal(h) <= 0
         h[dead, dead] = 1.0
@@ -103,7 +105,7 @@ class GPTQ(WeightQuantizer):
         scales = torch.empty(out, n_groups, dtype=torch.float16, device=w.device)
         offsets = torch.empty_like(scales) if fmt.has_offset else None
         if self.act_order:  # static groups from the original weights (see the module docstring)
-            s0, o0 = minmax_params(group_view(w, fmt).amin(-1), group_view(w, fmt).amax(-1), fmt)
+            s0, o0 = RTN().params(w, fmt)
             scales.copy_(s0)
             if offsets is not None and o0 is not None:
                 offsets.copy_(o0)

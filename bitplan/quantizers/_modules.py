@@ -172,12 +172,12 @@ class QuantLinear(_PackedStorage):
         *,
         method: str | WeightQuantizer = "rtn",
         activations: torch.Tensor | None = None,
-        quantized: QuantizedWeight | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> QuantLinear:
         """Quantize an ``nn.Linear`` or a transformers GPT-2 ``Conv1D`` (weight ``[in, out]``).
 
-        ``quantized``: the weight already quantized (by a layer-wise calibrated method); only the bias is
-        taken from ``module`` then."""
+        Calibrated methods take ``activations [n, in]``, or ``hessian``: the accumulated ``X^T X / n`` of a
+        layer-wise pass (see ``WeightQuantizer.quantize_hessian``)."""
         weight, bias = _linear_weight(module)
         out_features, in_features = weight.shape
         fmt = _as_weight_format(fmt)
@@ -192,9 +192,12 @@ class QuantLinear(_PackedStorage):
             device=weight.device,
             dtype=bias.dtype if bias is not None else torch.float32,
         )
-        if quantized is None and fmt.is_quantized:
-            quantized = quantizer.quantize(weight, fmt, activations=activations)
-        q._load_weight(quantized if quantized is not None else weight)
+        if not fmt.is_quantized:
+            q._load_weight(weight)
+        elif hessian is not None:
+            q._load_weight(quantizer.quantize_hessian(weight, fmt, hessian))
+        else:
+            q._load_weight(quantizer.quantize(weight, fmt, activations=activations))
         if q.bias is not None and bias is not None:
             q.bias.data.copy_(bias.detach())
         return q

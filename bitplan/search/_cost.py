@@ -81,8 +81,7 @@ class BytesCostModel(CostModel):
             if d.kind == "weight":
                 per.append(bits / 8 * ms_per_byte)  # every weight read once per step (shared by the batch)
             elif d.kind == "head":  # a tied head's packed embedding copy is stored, but a step reads one row of it
-                read = [o.storage_bits / (2 if g.tied_embeddings and j else 1) for j, o in enumerate(d.options)]
-                per.append(np.array(read) / 8 * ms_per_byte)
+                per.append(np.array([o.nominal_bits * d.params for o in d.options]) / 8 * ms_per_byte)
             elif d.kind == "kv":
                 per.append(kvb * ms_per_byte)  # the whole cache read once per step
             else:

@@ -87,16 +87,12 @@ def _proxy(t: FrozenTrial, space: SearchSpace) -> dict[str, float]:
     return {k: out[k] for k in _PROXY_KEYS}
 
 
-def _verification(t: FrozenTrial) -> dict[str, float] | None:
-    if "verify_kl" not in t.user_attrs:
+def _measured(t: FrozenTrial, keys: Sequence[str]) -> dict[str, float] | None:
+    """A trial's stored ``verify_*`` numbers of one kind (``VERIFY_KEYS`` or ``LATENCY_KEYS``), unprefixed;
+    None when the first key (the measurement itself) is missing."""
+    if keys[0] not in t.user_attrs:
         return None
-    return {k.removeprefix("verify_"): t.user_attrs[k] for k in VERIFY_KEYS if k in t.user_attrs}
-
-
-def _latency(t: FrozenTrial) -> dict[str, float] | None:
-    if "verify_ms" not in t.user_attrs:
-        return None
-    return {k.removeprefix("verify_"): t.user_attrs[k] for k in LATENCY_KEYS if k in t.user_attrs}
+    return {k.removeprefix("verify_"): t.user_attrs[k] for k in keys if k in t.user_attrs}
 
 
 def _named(t: FrozenTrial, names: Sequence[str]) -> dict[str, float]:
@@ -301,8 +297,9 @@ def write_outputs(
     from bitplan.search._latency import latency_ok
 
     budgets_ = budgets or Budgets()
-    rows = [_Row(i, t, _proxy(t, space), _verification(t), is_feasible(t), _named(t, names),
-                 front_dir / f"plan-{i:0{width}d}.json", _latency(t), latency_ok(budgets_, t.user_attrs, latency_margin))
+    rows = [_Row(i, t, _proxy(t, space), _measured(t, VERIFY_KEYS), is_feasible(t), _named(t, names),
+                 front_dir / f"plan-{i:0{width}d}.json", _measured(t, LATENCY_KEYS),
+                 latency_ok(budgets_, t.user_attrs, latency_margin))
             for i, t in enumerate(trials, 1)]  # fmt: skip
     common = {"budgets": budgets.to_dict() if budgets else None, "latency_source": latency_source}
     plans = {}

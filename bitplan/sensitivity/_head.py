@@ -28,6 +28,7 @@ from torch import nn
 from bitplan.errors import ModelError
 from bitplan.formats import ActFormat
 from bitplan.graph import ModelGraph, build_graph
+from bitplan.loading import _param_device
 from bitplan.sensitivity._calib import CalibData
 from bitplan.sensitivity._candidates import Candidates
 from bitplan.sensitivity._rows import ScoreRow
@@ -115,7 +116,7 @@ def head_scores(
     if not options:
         return []
     start = time.perf_counter()
-    device = next(model.parameters()).device
+    device = _param_device(model)
     packed = [_packed(model, graph, o) for o in options]
     kl = torch.zeros(len(options), dtype=torch.float64)
     nll = torch.zeros(len(options) + 1, dtype=torch.float64)
