@@ -31,10 +31,11 @@ def trim() -> None:
         pass
 
 
-def run_worker(cmd: list[str], what: str) -> dict:
-    """Run a benchmark worker in a fresh process (same environment: OMP_WAIT_POLICY ...) and return the JSON
-    object it prints last; on failure show its stderr's tail and stop, naming ``what`` failed."""
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def run_worker(cmd: list[str], what: str, env: dict[str, str] | None = None) -> dict:
+    """Run a benchmark worker in a fresh process (this environment, OMP_WAIT_POLICY ..., unless ``env`` is
+    given) and return the JSON object it prints last; on failure show its stderr's tail and stop, naming
+    ``what`` failed."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not line:
         print(done.stderr[-3000:], file=sys.stderr)

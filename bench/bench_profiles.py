@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -124,7 +125,7 @@ def paired_worker(plan_path: str, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     model = bitplan.load_model(args.model, dtype=bitplan.loading.parse_dtype(args.dtype))
-    latency = ProfileIndex(load_profile(_hw_path(args), "cpu")).kernel_latency()
+    latency = None if args.static_kernels else ProfileIndex(load_profile(_hw_path(args), "cpu")).kernel_latency()
     q = bitplan.apply_plan(
         copy.deepcopy(model), bitplan.Plan.load(plan_path), kernels="auto", latency=latency
     )
@@ -136,11 +137,67 @@ def paired_worker(plan_path: str, args: argparse.Namespace) -> dict:
             "ratios": ratios, "kernels": kernel_counts(q)}  # fmt: skip
 
 
-def measure_paired(plan_path: Path, args: argparse.Namespace) -> dict:
+def measure_paired(plan_path: Path, args: argparse.Namespace, env: dict[str, str] | None = None,
+                   static_kernels: bool = False) -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--paired-worker", str(plan_path), "--model", args.model, "--dtype", args.dtype,
            "--context", str(args.context), "--latency-tokens", str(args.latency_tokens), "--rounds", str(args.rounds),
-           "--threads", str(args.threads)]  # fmt: skip
-    return run_worker(cmd, f"timing {plan_path}")
+           "--threads", str(args.threads), *(["--static-kernels"] if static_kernels else [])]  # fmt: skip
+    return run_worker(cmd, f"timing {plan_path}", env)
+
+
+def part_head(model, args) -> None:  # type: ignore[no-untyped-def]
+    """The lm_head's share of a decoded token, from the profile: why the head is a search decision."""
+    from bitplan.formats import ActFormat, parse_weight
+    from bitplan.graph import build_graph
+    from bitplan.profiles import ProfileIndex, predict
+
+    hw, _ = _profile(model, args)
+    idx, graph = ProfileIndex(hw), build_graph(model)
+    head = graph.lm_head
+    assert head is not None
+    shape = (head.out_features, head.in_features)
+    total = predict(bitplan.uniform_plan(model, "bf16"), idx, graph, batch=1, context=args.context).decode_ms
+    rows = [(f, *idx.linear_ms("decode", shape, parse_weight(f), ActFormat())) for f in WEIGHTS]
+    body = [
+        f"## Profiles: the output head's share of decoding ({shape[0]} x {shape[1]} lm_head, batch 1)",
+        "",
+        stamp().rstrip(),
+        f"- {args.threads} threads, {_omp()}; profile `{_hw_path(args).name}`; predicted 16-bit decode at context "
+        f"{args.context}: {total:.2f} ms/token",
+        "",
+        "| head format | kernel | decode ms | share of the 16-bit token |",
+        "|---|---|---:|---:|",
+        *[f"| {f} | {k} | {ms:.2f} | {ms / total:.1%} |" for f, ms, k in rows],
+    ]
+    if not args.dry_run:
+        write_section("profiles-head", "\n".join(body))
+    print("\n".join(body))
+
+
+def part_omp(model, args) -> None:  # type: ignore[no-untyped-def]
+    """Uniform w4g64a vs the 16-bit model, paired, in fresh processes under each OpenMP wait policy."""
+    plan = _save(bitplan.uniform_plan(model, "w4g64a"), OUT / "omp-w4g64a.json")
+    rows = []
+    for policy in ("", "PASSIVE", "ACTIVE"):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": policy} if policy else {})
+        m = measure_paired(plan, args, env, static_kernels=True)
+        rows.append((policy or "unset (OpenMP default)", m))
+        print(f"OMP_WAIT_POLICY {policy or 'unset'}: w4g64a {m['ms']:.2f} ms, 16-bit {m['ms_16bit']:.2f} ms, {m['ratio']:.3f}x", flush=True)
+    body = [
+        "## Profiles: the OpenMP wait policy decides whether packed int4 beats fp32 (why it is in the fingerprint)",
+        "",
+        stamp().rstrip(),
+        f"- {args.threads} threads; fp32 model, uniform w4g64a applied with the static kernel choice ({', '.join(f'{k} x{v}' for k, v in rows[0][1]['kernels'].items())}); "
+        f"each policy in a fresh process timing the plan and the 16-bit model paired ({args.rounds} interleaved rounds x "
+        f"{args.latency_tokens} tokens from a pre-filled {args.context}-token context, median per-round ratio)",
+        "",
+        "| OMP_WAIT_POLICY | w4g64a ms/token | 16-bit ms/token | w4g64a / 16-bit |",
+        "|---|---:|---:|---:|",
+        *[f"| {p} | {m['ms']:.2f} | {m['ms_16bit']:.2f} | {m['ratio']:.3f} |" for p, m in rows],
+    ]
+    if not args.dry_run:
+        write_section("profiles-omp", "\n".join(body))
+    print("\n".join(body))
 
 
 def measure(plan_path: Path, args: argparse.Namespace) -> dict:
@@ -337,6 +394,7 @@ def main() -> None:
     ap.add_argument("--latency-tokens", type=int, default=32, help="autotune: tokens per model per round")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--paired-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--static-kernels", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.model = args.model or default_model()
     if args.worker:
@@ -349,7 +407,7 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     model = bitplan.load_model(args.model, dtype=bitplan.loading.parse_dtype(args.dtype))
     for name in args.parts.split(","):
-        {"predict": part_predict, "autotune": part_autotune}[name](model, args)
+        {"predict": part_predict, "autotune": part_autotune, "omp": part_omp, "head": part_head}[name](model, args)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     calibrated = sorted(set(calibrated_units(plan).values()))
     if calibrated and not args.calib:
         raise BitplanError(f"the plan uses calibrated method(s) {', '.join(calibrated)}: pass --calib FILE (calibration text)")
+    if calibrated and not 2 <= args.calib_window <= args.calib_tokens:
+        raise BitplanError(f"--calib-tokens ({args.calib_tokens}) must hold at least one --calib-window ({args.calib_window}), and a window at least 2 tokens")
     model = _load(args)
     calib = None
     if calibrated:

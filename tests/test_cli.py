@@ -150,6 +150,9 @@ def test_gptq_plan_applies_with_calib_and_refuses_without(tiny_model_path: Path,
     assert run(capsys, "plan", "uniform", "--model", str(tiny_model_path), "--weights", "w3g64a", "--method", "gptq", "-o", str(plan))[0] == 0
     code, _, err = run(capsys, "apply", "--model", str(tiny_model_path), "--plan", str(plan), "--json")
     assert code == 2 and "gptq" in err and "--calib" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "apply", "--model", str(tiny_model_path), "--plan", str(plan), "--calib", str(wikitext_calib),
+                       "--calib-tokens", "100", "--calib-window", "256", "--json")  # fmt: skip
+    assert code == 2 and "--calib-tokens (100)" in err and len(err.strip().splitlines()) == 1
     code, out, _ = run(capsys, "apply", "--model", str(tiny_model_path), "--plan", str(plan), "--calib", str(wikitext_calib),
                        "--calib-tokens", "1024", "--calib-window", "256", "--eval", str(wikitext_test), "--max-tokens", "512",
                        "--window", "256", "--json")  # fmt: skip

@@ -4,8 +4,8 @@ A latency table is only true of the hardware and software that produced it: anot
 core or thread count, another GPU, another torch / Triton build, or another OpenMP wait policy changes
 kernel speed. The last is easy to miss: with ``OMP_WAIT_POLICY=PASSIVE`` idle OpenMP threads sleep instead
 of spinning, and the many short parallel regions of a packed int4 GEMV then pay a wake-up each; on a 2-core
-AVX2 machine that turned a 4-bit model from 0.72x of the fp32 model's decode time into 1.13x (same plan,
-same kernels, paired in one process), so a profile measured under one policy is wrong under the other. So a profile
+AVX2 machine that turns uniform w4g64a from 0.71x of the fp32 model's decode time into 1.11x (same plan,
+same kernels; bench/RESULTS.md, profiles-omp), so a profile measured under one policy is wrong under the other. So a profile
 carries a fingerprint of all of them, and using one whose fingerprint differs from the current device is
 refused unless the user says otherwise (``--allow-foreign-profile``).
 

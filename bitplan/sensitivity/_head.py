@@ -2,8 +2,7 @@
 
 Why the head gets its own rows. It is one linear, but a big one read on every decoded token: on
 SmolLM2-135M the 49152 x 576 head holds 21% of the weights, and on a 2-core CPU its dense fp32 GEMV takes
-7.9 ms of a ~55 ms token where a packed int4 kernel takes 2.1 ms (bench/out profile, OpenMP defaults).
-No plan reaches 0.6x of the 16-bit model's decode time there without it. llama.cpp's mixes treat it apart
+8.2 ms of a ~59 ms token where a packed int4 kernel takes 2.1 ms (bench/RESULTS.md, profiles-head). llama.cpp's mixes treat it apart
 too (``output.weight`` at q6_k in Q4_K_M).
 
 Why measured and not Fisher. The head's output *is* the logits, so its error is cheap to measure exactly:
