@@ -1,6 +1,8 @@
-"""Calibrated quantizers on the main model: RTN vs HQQ vs GPTQ at 4, 3 and 2 bits (wikitext-2 test ppl).
+"""Weight quantizers on the main model: RTN vs HQQ vs GPTQ at 4, 3 and 2 bits (wikitext-2 test ppl).
 
     .venv/bin/python bench/bench_calibrated.py [--formats w4g64a,w3g64a,w2g64a] [--methods rtn,hqq,gptq]
+    .venv/bin/python bench/bench_calibrated.py --formats w4g32a,w4g32ad8,w4g32ad6 --methods rtn,hqq \
+        --section double-quant          # double-quantized scales against fp16 ones
 
 Same evaluation tokens and windows as the core table (section ``core``: the first 32768 test tokens in
 512-token windows, every window scored alone) and the same reference pass for KL. Calibrated methods get
@@ -102,7 +104,7 @@ def main() -> None:
             )
             del model
     body = [
-        f"## Calibrated quantizers: RTN vs HQQ vs GPTQ on {Path(args.model).name}",
+        f"## Weight quantizers ({', '.join(args.methods.split(','))}) at {', '.join(args.formats.split(','))} on {Path(args.model).name}",
         "",
         stamp().rstrip(),
         f"- evaluation: first {tokens.numel()} tokens of `{Path(args.data).name}`, {args.window}-token windows scored alone (as "
@@ -113,12 +115,12 @@ def main() -> None:
         "- peak: the highest RSS while quantizing (polled every 50 ms) minus the RSS before, with the model copy "
         "already held: the extra memory of the method (activations, Hessians, one unit's float copy)",
         "",
-        "| format | method | avg bits | ppl | KL | quantize s | peak MB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| format | method | avg bits | ppl | vs 16-bit | KL | quantize s | peak MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for fmt, method, ppl, kl, bits, q_s, peak in rows:
         body.append(
-            f"| {fmt} | {method} | {bits:.2f} | {ppl:.3f} | {kl:.4f} | {q_s:.1f} | {peak / 1e6:.0f} |"
+            f"| {fmt} | {method} | {bits:.3f} | {ppl:.3f} | {100 * (ppl / base_r.ppl - 1):+.2f}% | {kl:.4f} | {q_s:.1f} | {peak / 1e6:.0f} |"
         )
     write_section(args.section, "\n".join(body))
     print("\n".join(body))

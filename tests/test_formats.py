@@ -17,13 +17,17 @@ from bitplan.formats import (
     parse_weight,
 )
 
-REQUIRED = ["bf16", "w8g128a", "w8c", "w4g128a", "w4g32a", "w3g128a", "w3g32a", "w2g64a", "nf4g64", "a16", "a8t", "k16v16", "k8v8", "k4v2", "k2v2g32"]
+REQUIRED = ["w4g32ad6", "w4g32ad8", "w3g64d6", "nf4g64d8", "bf16", "w8g128a", "w8c", "w4g128a", "w4g32a", "w3g128a", "w3g32a", "w2g64a", "nf4g64", "a16", "a8t", "k16v16", "k8v8", "k4v2", "k2v2g32"]
 
 groups = st.integers(1, 64).map(lambda k: 8 * k)
 int_weights = st.builds(WeightFormat, st.just("int"), st.integers(2, 8), st.one_of(st.none(), groups), st.booleans())
 nf4_weights = st.builds(WeightFormat, st.just("nf4"), st.just(4), st.one_of(st.none(), groups))
 float_weights = st.sampled_from([WeightFormat("float", 16, float_dtype="bf16"), WeightFormat("float", 16, float_dtype="fp16"), WeightFormat("fp8", 8)])
-weights = st.one_of(int_weights, nf4_weights, float_weights)
+dq_weights = st.builds(
+    WeightFormat, st.sampled_from(["int", "nf4"]), st.just(4), st.sampled_from([8, 16, 32, 64, 128, 256]), st.just(True),
+    st.just("bf16"), st.sampled_from([6, 8]),
+)
+weights = st.one_of(int_weights, nf4_weights, float_weights, dq_weights)
 acts = st.sampled_from([ActFormat(), ActFormat("int", 8), ActFormat("int", 4), ActFormat("fp8", 8)])
 kvs = st.builds(
     KVFormat,
@@ -81,7 +85,8 @@ def test_kv_sink_bytes() -> None:
 @pytest.mark.parametrize(
     "text",
     ["", "w4", "w9g64", "w1g64", "w4g60", "w4g0", "W4g64", " w4g64", "w4g64a ", "w4g64b", "nf4g64a", "nf3g64", "fp8g64", "bf32",
-     "a8", "a32", "a8c", "k5v2", "k4", "v4k4", "k4v2g4", "k4v2r-1", "k4v2s", "k4v2s1r8", "k4v2s-1", "k04v2", "w04g64", "k4v2x"],
+     "a8", "a32", "a8c", "k5v2", "k4", "v4k4", "k4v2g4", "k4v2r-1", "k4v2s", "k4v2s1r8", "k4v2s-1", "k04v2", "w04g64", "k4v2x",
+     "w4cd8", "w4cad6", "w4g32ad7", "w4g32ad06", "w4g32da8", "w4g48d6", "fp8d8", "nf4cd8", "w4g32ad", "w4g32ad16"],
 )
 def test_bad_strings_fail_with_the_grammar(text: str) -> None:
     with pytest.raises(FormatError) as e:
@@ -100,6 +105,15 @@ def test_storage_bits_are_exact() -> None:
     assert parse_weight("fp8").storage_bits(4, 64) == 4 * 64 * 8 + 4 * 16
     assert parse_weight("bf16").storage_bits(7, 9) == 7 * 9 * 16
     assert parse_weight("w3g32a").bits_per_weight(64) == 4.0
+    # double-quantized: per row, S-bit codes (padded to 8 codes) + one fp16 super-scale (and one for offsets)
+    # per super-block; d6 = 256 weights per super-block (Q4_K's 4.5 bits), d8 = 256 groups
+    assert parse_weight("w4g32ad6").bits_per_weight(1536) == 4.5
+    assert parse_weight("w4g32ad6").storage_bits(3, 576) == 3 * (576 * 4 + 6 * 40 + 3 * 2 * 16)  # 36 codes pad to 40
+    assert parse_weight("w4g32ad8").storage_bits(5, 576) == 5 * (576 * 4 + 8 * 36 + 2 * 16)
+    assert parse_weight("w4g32ad8").bits_per_weight(8192) == 4 + 16 / 32 + 32 / 8192
+    assert parse_weight("w4g32ad8").bits_per_weight(16384) == 4 + 16 / 32 + 64 / 16384  # 512 groups: 2 super-blocks
+    assert parse_weight("nf4g64d8").storage_bits(2, 64 * 256) == 2 * (64 * 256 * 4 + 8 * 256 + 16)  # QLoRA
+    assert parse_weight("w3g64d6").compute_format == parse_weight("w3g64")
     # KV: K per-channel groups 32 tokens, V per-token groups min(32, head_dim) channels
     kv = parse_kv("k4v2")
     assert kv.bits_per_element("k", 64) == 4 + 32 / 32

@@ -11,6 +11,11 @@ widened into torch's 4-bit layout runs fast but occupies 4 bits). ``apply_plan(k
 kernels that hold the plan's bytes, so a memory budget the search promised is what the process holds;
 ``kernels="fastest"`` drops that promise for speed.
 
+Double-quantized formats (``w4g32ad8``: scale codes + super-scales) are stored and counted at their exact
+size, but every kernel except ``reference`` computes from the decoded fp16 parameters (``compute_format``),
+so for them "the plan's bytes" means the codes plus fp16 parameters: up to 1 bit a weight more than stored
+(g32 asymmetric), said in ``resident_nbytes`` and in the apply report.
+
 Choice without a hardware profile follows ``priority`` (lower first, a documented preference order per
 device kind); with measured latencies (``latency=`` callback, filled by ``bitplan.profiles``) the fastest
 supported kernel wins.
@@ -102,11 +107,11 @@ class Kernel(ABC):
         """``x [..., in] @ W.T -> [..., out]`` in ``x.dtype``, no bias. With ``out``, the result is written there."""
 
     def resident_nbytes(self, spec: LinearSpec) -> int:
-        """Bytes the prepared weight holds; the default is the plan's storage bytes."""
-        return spec.weight.storage_bits(spec.out_features, spec.in_features) // 8
+        """Bytes the prepared weight holds; the default is the canonical bytes of the format it computes in."""
+        return spec.weight.compute_format.storage_bits(spec.out_features, spec.in_features) // 8
 
     def holds_plan_bytes(self, spec: LinearSpec) -> bool:
-        plan = spec.weight.storage_bits(spec.out_features, spec.in_features) // 8
+        plan = spec.weight.compute_format.storage_bits(spec.out_features, spec.in_features) // 8
         return self.resident_nbytes(spec) <= plan * 1.01
 
     def compute_dtype(self, x_dtype: torch.dtype) -> torch.dtype:

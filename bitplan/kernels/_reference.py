@@ -18,12 +18,9 @@ __all__ = ["ReferenceKernel", "canonical_tensors", "dequantized"]
 
 
 def canonical_tensors(weight: WeightSource) -> dict[str, torch.Tensor]:
-    """The canonical buffers of a weight (shared, not copied): ``codes/scales[/offsets]`` or ``weight``."""
+    """The stored buffers of a weight (shared, not copied): see ``QuantizedWeight.storage``, or ``weight``."""
     if isinstance(weight, QuantizedWeight):
-        out = {"codes": weight.codes, "scales": weight.scales}
-        if weight.offsets is not None:
-            out["offsets"] = weight.offsets
-        return out
+        return weight.storage()
     return {"weight": weight}
 
 
@@ -32,8 +29,7 @@ def dequantized(prepared: Prepared, dtype: torch.dtype) -> torch.Tensor:
     t, spec = prepared.tensors, prepared.spec
     if not spec.weight.is_quantized:
         return t["weight"].to(dtype)
-    qw = QuantizedWeight(spec.weight, spec.shape, t["codes"], t["scales"], t.get("offsets"), "")
-    return qw.dequantize(dtype)
+    return QuantizedWeight.from_storage(spec.weight, spec.shape, t, "").dequantize(dtype)
 
 
 @register_kernel("reference")
@@ -43,6 +39,9 @@ class ReferenceKernel(Kernel):
 
     def supports(self, fmt: WeightFormat, device: torch.device, shape: tuple[int, int], act: ActFormat) -> bool:
         return True
+
+    def resident_nbytes(self, spec: LinearSpec) -> int:
+        return spec.weight.storage_bits(spec.out_features, spec.in_features) // 8  # the stored tensors as they are
 
     def prepare(self, weight: WeightSource, spec: LinearSpec) -> Prepared:
         return Prepared(self.name, spec, canonical_tensors(weight))

@@ -73,7 +73,7 @@ class ProfileIndex:
             self.skeleton.setdefault((r.phase, r.kv), []).append((r.context, r.median_ms))
 
     def kernel_rows(self, phase: str, shape: tuple[int, int], fmt: WeightFormat, act: ActFormat) -> list[HWRow]:
-        rows = self.linear.get((phase, shape[0], shape[1], str(fmt), str(act)))
+        rows = self.linear.get((phase, shape[0], shape[1], str(fmt.compute_format), str(act)))  # d6/d8 run decoded
         if not rows:
             raise BitplanError(
                 f"the hardware profile has no {phase} timing for a {shape[0]}x{shape[1]} linear in {fmt}/{act}; "

@@ -25,6 +25,7 @@ import torch
 from bitplan._registry import Registry
 from bitplan.errors import BitplanError, FormatError
 from bitplan.formats import WeightFormat
+from bitplan.quantizers import _dq
 from bitplan.quantizers._codebooks import FP8_MAX, fp8_decode, fp8_encode, nf4_decode, nf4_encode
 from bitplan.quantizers.packing import pack_bits, packed_numel, unpack_bits
 
@@ -33,6 +34,7 @@ __all__ = [
     "QuantizedWeight",
     "WeightQuantizer",
     "decode_groups",
+    "double_quantize",
     "encode_groups",
     "get_weight_quantizer",
     "group_sq_error",
@@ -173,6 +175,10 @@ class QuantizedWeight:
     that is not a multiple of 8 pads each row to whole 8-code words, see ``packing``), fp8 codes are the
     e4m3 bytes (``[out, in]``). ``scales`` / ``offsets``: fp16 ``[out, n_groups]``;
     ``offsets`` only for asymmetric int formats.
+
+    Double-quantized formats (``d6``/``d8``) store ``qparams`` (packed parameter codes) and ``superscales``
+    (fp16) instead; ``scales`` / ``offsets`` then hold their decoded values, for computing, and are not
+    part of the stored bytes (:meth:`storage`, :attr:`nbytes`).
     """
 
     fmt: WeightFormat
@@ -181,6 +187,8 @@ class QuantizedWeight:
     scales: torch.Tensor
     offsets: torch.Tensor | None
     method: str
+    qparams: torch.Tensor | None = None
+    superscales: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         out, inp = self.shape
@@ -197,6 +205,11 @@ class QuantizedWeight:
             expect["offsets"] = ((out, groups), torch.float16)
         elif self.offsets is not None:
             raise ValueError(f"{fmt}: symmetric formats store no offsets")
+        if fmt.scale_bits is not None:
+            qshape, sshape = _dq.packed_shapes(fmt, out, inp)
+            expect["qparams"], expect["superscales"] = (qshape, torch.uint8), (sshape, torch.float16)
+        elif self.qparams is not None or self.superscales is not None:
+            raise ValueError(f"{fmt}: only double-quantized formats store qparams / superscales")
         for name, (shape, dtype) in expect.items():
             t = getattr(self, name)
             if t is None or tuple(t.shape) != shape or t.dtype != dtype:
@@ -211,10 +224,17 @@ class QuantizedWeight:
         scales: torch.Tensor,
         offsets: torch.Tensor | None,
         method: str,
+        dq: _dq.DoubleQuant | None = None,
     ) -> QuantizedWeight:
-        """Pack unpacked ``uint8 [out, in]`` codes (fp8: e4m3 bytes) with their fp16 parameters."""
+        """Pack unpacked ``uint8 [out, in]`` codes (fp8: e4m3 bytes) with their fp16 parameters (a
+        double-quantized format also takes the ``dq`` that ``scales`` / ``offsets`` decode from)."""
         out, inp = codes.shape
         packed = codes.to(torch.uint8).contiguous() if fmt.kind == "fp8" else pack_bits(codes, fmt.bits)
+        qparams = superscales = None
+        if fmt.scale_bits is not None:
+            if dq is None:
+                raise ValueError(f"{fmt}: a double-quantized format needs its DoubleQuant parameters")
+            qparams, superscales = dq.pack()
         return cls(
             fmt,
             (out, inp),
@@ -222,7 +242,30 @@ class QuantizedWeight:
             scales.contiguous(),
             None if offsets is None else offsets.contiguous(),
             method,
+            qparams,
+            superscales,
         )
+
+    @classmethod
+    def from_storage(
+        cls, fmt: WeightFormat, shape: tuple[int, int], tensors: dict[str, torch.Tensor], method: str
+    ) -> QuantizedWeight:
+        """The weight from its stored tensors (:meth:`storage`), decoding double-quantized parameters."""
+        if fmt.scale_bits is None:
+            return cls(fmt, shape, tensors["codes"], tensors["scales"], tensors.get("offsets"), method)
+        qparams, superscales = tensors["qparams"], tensors["superscales"]
+        scales, offsets = _dq.unpack(fmt, shape[1], qparams, superscales).decode()
+        return cls(fmt, shape, tensors["codes"], scales, offsets, method, qparams, superscales)
+
+    def storage(self) -> dict[str, torch.Tensor]:
+        """The tensors that are stored: ``codes`` + ``scales`` [+ ``offsets``], or ``codes`` + ``qparams`` +
+        ``superscales`` for a double-quantized format."""
+        if self.qparams is not None and self.superscales is not None:
+            return {"codes": self.codes, "qparams": self.qparams, "superscales": self.superscales}
+        out = {"codes": self.codes, "scales": self.scales}
+        if self.offsets is not None:
+            out["offsets"] = self.offsets
+        return out
 
     @classmethod
     def encode(
@@ -233,9 +276,16 @@ class QuantizedWeight:
         offsets: torch.Tensor | None,
         method: str,
     ) -> QuantizedWeight:
-        """Quantize ``weight [out, in]`` against given fp16 ``scales``/``offsets`` ``[out, n_groups]``."""
+        """Quantize ``weight [out, in]`` against given fp16 ``scales``/``offsets`` ``[out, n_groups]``.
+
+        A double-quantized format first quantizes the parameters themselves (:func:`_dq.fit`), and the
+        codes are chosen against the decoded ones."""
+        dq = None
+        if fmt.scale_bits is not None:
+            dq = double_quantize(weight, fmt, scales, offsets)
+            scales, offsets = dq.decode()
         codes = encode_groups(group_view(weight, fmt), fmt, scales, offsets)
-        return cls.from_codes(fmt, codes.reshape(weight.shape), scales, offsets, method)
+        return cls.from_codes(fmt, codes.reshape(weight.shape), scales, offsets, method, dq)
 
     @property
     def out_features(self) -> int:
@@ -262,14 +312,35 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        ts = [self.codes, self.scales] + ([] if self.offsets is None else [self.offsets])
-        return sum(t.numel() * t.element_size() for t in ts)
+        """Stored bytes (decoded parameters of a double-quantized format excluded)."""
+        return sum(t.numel() * t.element_size() for t in self.storage().values())
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
-        offsets = None if self.offsets is None else self.offsets.to(device)
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return QuantizedWeight(
-            self.fmt, self.shape, self.codes.to(device), self.scales.to(device), offsets, self.method
-        )
+            self.fmt, self.shape, self.codes.to(device), self.scales.to(device), mv(self.offsets), self.method,
+            mv(self.qparams), mv(self.superscales),
+        )  # fmt: skip
+
+
+_DQ_FIELDS = ("scale_codes", "super_scales", "offset_codes", "super_offsets")
+
+
+def _cat_opt(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if parts[0] is None else torch.cat(parts, dim=0)  # type: ignore[arg-type]
+
+
+def double_quantize(
+    weight: torch.Tensor, fmt: WeightFormat, scales: torch.Tensor, offsets: torch.Tensor | None
+) -> _dq.DoubleQuant:
+    """A method's fp16 ``scales`` / ``offsets`` of ``weight [out, in]`` quantized for a ``d6``/``d8`` format
+    (:func:`bitplan.quantizers._dq.fit`, a row chunk at a time to bound its temporaries)."""
+    wg = group_view(weight, fmt)
+    parts = [_dq.fit(wg[r].float(), fmt, scales[r], None if offsets is None else offsets[r])
+             for r in row_chunks(*weight.shape)]  # fmt: skip
+    return _dq.DoubleQuant(fmt, weight.shape[1], *(_cat_opt([getattr(p, f) for p in parts]) for f in _DQ_FIELDS))  # type: ignore[arg-type]
 
 
 # -- quantizer base class and registry ------------------------------------------------------------

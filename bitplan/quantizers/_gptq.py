@@ -25,6 +25,8 @@ Numerics, and why each choice:
   while the most columns are left to absorb their error). Groups are then fixed up front from the
   original weights ("static groups"), so that the stored layout stays the plain contiguous-group one every
   kernel reads -- no permutation index to store.
+* double-quantized formats (``d6``/``d8``) also use static groups: a super-block's scale must be known
+  before its first group is rounded, so all parameters are fixed (and double-quantized) up front.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from bitplan.quantizers._base import (
     QuantizedWeight,
     WeightQuantizer,
     decode_groups,
+    double_quantize,
     encode_groups,
     minmax_params,
     register_weight_quantizer,
@@ -104,11 +107,17 @@ class GPTQ(WeightQuantizer):
         n_groups = inp // g
         scales = torch.empty(out, n_groups, dtype=torch.float16, device=w.device)
         offsets = torch.empty_like(scales) if fmt.has_offset else None
-        if self.act_order:  # static groups from the original weights (see the module docstring)
+        static = self.act_order or fmt.scale_bits is not None
+        dq = None
+        if static:  # static groups from the original weights (see the module docstring)
             s0, o0 = RTN().params(w, fmt)
+            if fmt.scale_bits is not None:
+                dq = double_quantize(w, fmt, s0, o0)
+                s0, o0 = dq.decode()
             scales.copy_(s0)
             if offsets is not None and o0 is not None:
                 offsets.copy_(o0)
+        if self.act_order:
             perm = torch.argsort(torch.diagonal(h), descending=True)
         else:
             perm = torch.arange(inp, device=w.device)
@@ -123,7 +132,7 @@ class GPTQ(WeightQuantizer):
             for j in range(b1 - b0):
                 col = int(perm[b0 + j])  # the original input column
                 grp = col // g
-                if not self.act_order and col % g == 0:  # a new group: its grid from the updated weights
+                if not static and col % g == 0:  # a new group: its grid from the updated weights
                     rest = (
                         wb[:, j : j + g]
                         if j + g <= b1 - b0
@@ -142,7 +151,7 @@ class GPTQ(WeightQuantizer):
                 wb[:, j:] -= e.unsqueeze(1) * ub[j, j:].unsqueeze(0)
                 err[:, j] = e
             w[:, b1:] -= err @ u[b0:b1, b1:]
-        return QuantizedWeight.from_codes(fmt, codes, scales, offsets, self.name)
+        return QuantizedWeight.from_codes(fmt, codes, scales, offsets, self.name, dq)
 
     def __repr__(self) -> str:
         return f"GPTQ(block_size={self.block_size}, percdamp={self.percdamp}, act_order={self.act_order})"

@@ -24,22 +24,17 @@ from torch import nn
 
 from bitplan.errors import FormatError
 from bitplan.formats import ActFormat, WeightFormat, parse_act, parse_weight
+from bitplan.quantizers import _dq
 from bitplan.quantizers._act import fake_quantize_act
-from bitplan.quantizers._base import (
-    QuantizedWeight,
-    WeightQuantizer,
-    decode_groups,
-    get_weight_quantizer,
-    group_view,
-)
-from bitplan.quantizers.packing import packed_numel, unpack_bits
+from bitplan.quantizers._base import QuantizedWeight, WeightQuantizer, get_weight_quantizer
+from bitplan.quantizers.packing import packed_numel
 
 if TYPE_CHECKING:
     from bitplan.kernels import Kernel, LinearSpec, Prepared
 
 __all__ = ["QuantEmbedding", "QuantLinear"]
 
-_STORAGE = ("codes", "scales", "offsets", "weight")
+_STORAGE = ("codes", "scales", "offsets", "qparams", "superscales", "weight")
 _KERNEL_PREFIX = "k_"  # buffers of a kernel's prepared layout: k_<name>
 _FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,6 +77,11 @@ class _PackedStorage(nn.Module):
         self.register_buffer(
             "codes", torch.zeros(rows, packed_numel(cols, fmt.bits), dtype=torch.uint8, device=device)
         )
+        if fmt.scale_bits is not None:  # double-quantized: packed parameter codes + fp16 super-scales
+            qshape, sshape = _dq.packed_shapes(fmt, rows, cols)
+            self.register_buffer("qparams", torch.zeros(qshape, dtype=torch.uint8, device=device))
+            self.register_buffer("superscales", torch.zeros(sshape, dtype=torch.float16, device=device))
+            return
         self.register_buffer("scales", torch.zeros(rows, groups, dtype=torch.float16, device=device))
         offsets = torch.zeros(rows, groups, dtype=torch.float16, device=device) if fmt.has_offset else None
         self.register_buffer("offsets", offsets)
@@ -92,9 +92,8 @@ class _PackedStorage(nn.Module):
                 raise ValueError(
                     f"expected a {self.weight_format} {self._shape} weight, got {qw.fmt} {qw.shape}"
                 )
-            self.codes = qw.codes
-            self.scales = qw.scales
-            self.offsets = qw.offsets
+            for name, t in qw.storage().items():
+                setattr(self, name, t)
             self.method = qw.method
         else:
             self.weight = qw.detach().to(self.weight.dtype).contiguous()
@@ -112,9 +111,11 @@ class _PackedStorage(nn.Module):
         if not self.weight_format.is_quantized:
             raise FormatError(f"{self.weight_format} weights are not quantized")
         self._check_canonical()
-        return QuantizedWeight(
-            self.weight_format, self._shape, self.codes, self.scales, self.offsets, self.method
-        )
+        return QuantizedWeight.from_storage(self.weight_format, self._shape, self._stored(), self.method)
+
+    def _stored(self, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The canonical stored tensors (of the given rows only)."""
+        return {n: t if rows is None else t[rows] for n in _STORAGE if (t := self._buffers.get(n)) is not None}
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if not self.weight_format.is_quantized:
@@ -339,12 +340,9 @@ class QuantEmbedding(_PackedStorage):
         fmt = self.weight_format
         if not fmt.is_quantized:
             return F.embedding(ids, self.weight).to(self.dtype)
-        codes = self.codes[ids]
-        if fmt.kind != "fp8":
-            codes = unpack_bits(codes, fmt.bits, self.embedding_dim)
-        offsets = None if self.offsets is None else self.offsets[ids]
-        rows = decode_groups(group_view(codes, fmt), fmt, self.scales[ids], offsets)
-        return rows.reshape(*ids.shape, self.embedding_dim).to(self.dtype)
+        flat = ids.reshape(-1)
+        rows = QuantizedWeight.from_storage(fmt, (flat.numel(), self.embedding_dim), self._stored(flat), self.method)
+        return rows.dequantize().reshape(*ids.shape, self.embedding_dim).to(self.dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:  # type: ignore[override]
         # the output dtype follows .to(dtype) / .half() like a float table would

@@ -18,7 +18,7 @@ MS = (1, 5, 33)  # a decode step, a short and a longer prefill (keeps the file f
 
 class TestInt4Pack(KernelContract):
     kernel = "int4pack"
-    cases = ("w4g64a", "w4g32", "w4g128a", "w4g256", "w4g64a/a8t")
+    cases = ("w4g64a", "w4g32", "w4g128a", "w4g256", "w4g64a/a8t", "w4g32ad8", "w4g32ad6")
     unsupported = ("w4c", "w4g16a", "w3g64a", "w8c", "nf4g64", "bf16")
     ms = MS
 
@@ -32,7 +32,7 @@ class TestInt4PackWide(KernelContract):
 
 class TestInt4PackExpand(KernelContract):
     kernel = "int4pack-expand"
-    cases = ("w2g64a", "w3g64a", "w3g32a", "w2g256", "w3g128", "w2g32a/a8t")
+    cases = ("w2g64a", "w3g64a", "w3g32a", "w2g256", "w3g128", "w2g32a/a8t", "w3g64ad6")
     unsupported = ("w4g64a", "w2c", "w3g16a", "nf4g64")
     ms = MS
 
@@ -46,7 +46,7 @@ class TestInt8Pack(KernelContract):
 
 class TestInt8Planes(KernelContract):
     kernel = "int8-planes"
-    cases = ("w8g64a", "w8g32", "w8g128a", "w6g64a", "w5g256")
+    cases = ("w8g64a", "w8g32", "w8g128a", "w6g64a", "w5g256", "w8g32ad8")
     unsupported = ("w8c", "w4g64a", "w8g16a", "nf4g64")
     ms = MS
 
@@ -67,7 +67,7 @@ class TestDenseBF16(KernelContract):
 
 class TestNF4Lut(KernelContract):
     kernel = "nf4-lut"
-    cases = ("nf4g64", "nf4g32", "nf4c", "nf4g64/a8t")
+    cases = ("nf4g64", "nf4g32", "nf4c", "nf4g64/a8t", "nf4g64d8")
     unsupported = ("w4g64a", "fp8")
     ms = MS
 

@@ -23,7 +23,7 @@ from .contract import KernelContract
 
 class TestReference(KernelContract):
     kernel = "reference"
-    cases = ("w4g64a", "w4g32", "w2g64a", "w3g32", "w8c", "w8g64a/a8t", "nf4g64", "fp8", "bf16", "w4g64a/a4t")
+    cases = ("w4g64a", "w4g32", "w2g64a", "w3g32", "w8c", "w8g64a/a8t", "nf4g64", "fp8", "bf16", "w4g64a/a4t", "w4g32ad6", "w3g64ad8")
     dtypes = (torch.float32, torch.float64)
     ms = (1, 7)
 

@@ -80,9 +80,13 @@ class WeightQuantizerContract:
     def test_exact_storage(self, quantizer: WeightQuantizer, fmt: WeightFormat, seed: int) -> None:
         for i, (out, inp) in enumerate(SHAPES):
             qw = quantizer.quantize(gaussian((out, inp), seed + i), fmt)
-            tensors = [qw.codes, qw.scales] + ([qw.offsets] if qw.offsets is not None else [])
+            stored = qw.storage()
+            names = ["codes", "qparams", "superscales"] if fmt.scale_bits else ["codes", "scales"] + (["offsets"] if fmt.has_offset else [])
+            assert sorted(stored) == sorted(names)
             assert qw.nbytes == fmt.storage_bits(out, inp) // 8
-            assert qw.nbytes == sum(t.numel() * t.element_size() for t in tensors)
+            assert qw.nbytes == sum(t.numel() * t.element_size() for t in stored.values())
+            again = QuantizedWeight.from_storage(fmt, (out, inp), stored, qw.method)  # the stored bytes suffice
+            assert torch.equal(again.scales, qw.scales) and torch.equal(again.dequantize(), qw.dequantize())
             groups = inp // fmt.effective_group(inp)
             assert qw.codes.dtype == torch.uint8 and qw.codes.shape == (out, packed_numel(inp, fmt.bits))
             assert qw.scales.dtype == torch.float16 and qw.scales.shape == (out, groups)
@@ -120,13 +124,15 @@ class WeightQuantizerContract:
         w = with_outliers_and_zero_group((32, 256), seed)
         first = quantizer.quantize(w, fmt)
         again = quantizer.quantize(first.dequantize(), fmt)
-        if self.idempotent:
+        if self.idempotent and fmt.scale_bits is None:
             assert torch.equal(again.codes, first.codes)
             assert torch.equal(again.scales, first.scales)
             assert (first.offsets is None) or torch.equal(again.offsets, first.offsets)  # type: ignore[arg-type]
         else:  # re-quantizing a grid-aligned weight loses (almost) nothing more
             w1 = first.dequantize()
-            assert rel_rmse(again, w1) <= 0.1 * rel_rmse(first, w) + 1e-7
+            # a double-quantized grid is re-derived from a new super-scale, whose codes land elsewhere
+            slack = 0.1 if fmt.scale_bits is None else 0.3
+            assert rel_rmse(again, w1) <= slack * rel_rmse(first, w) + 1e-7
 
     def test_deterministic_and_dtypes(self, quantizer: WeightQuantizer, fmt: WeightFormat, seed: int) -> None:
         w = gaussian((16, 256), seed)
@@ -170,4 +176,7 @@ class NeverWorseThanRTN:
         w = with_outliers_and_zero_group((64, 256), seed)
         ours = group_errors(quantizer.quantize(w, fmt), w)
         rtn = group_errors(get_weight_quantizer("rtn").quantize(w, fmt), w)
+        if fmt.scale_bits is not None:  # parameters are re-quantized after the search: only about as good in total
+            assert ours.sum() <= rtn.sum() * 1.02
+            return
         assert (ours <= rtn * (1 + 1e-5) + 1e-12).all()

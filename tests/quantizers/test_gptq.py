@@ -16,6 +16,7 @@ from .weights import gaussian, seed_for
 # Relative weight RMSE bounds on Gaussian weights with white (uncorrelated) inputs, where GPTQ has nothing
 # to exploit and behaves like min-max rounding with error feedback: ~10% above the worst draw measured.
 GPTQ_BOUNDS = {
+    "w4g32ad8": 0.09, "w3g64ad6": 0.22,
     "w2g64": 0.80, "w3g64": 0.29, "w4g64": 0.13, "w8g64": 0.0075,
     "w2g64a": 0.56, "w3g64a": 0.24, "w4g64a": 0.113, "w8g64a": 0.0066,
     "w3g32a": 0.21, "w4g128": 0.14, "w4c": 0.17, "w4ca": 0.16, "w8c": 0.0105,

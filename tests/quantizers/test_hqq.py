@@ -36,5 +36,6 @@ class TestHQQ(WeightQuantizerContract, NeverWorseThanRTN):
 class TestHQQFitScale(WeightQuantizerContract, NeverWorseThanRTN):
     method = "hqq"
     options = {"fit_scale": True}
-    bounds = {"w2g64a": 0.36, "w3g64a": 0.19, "w4g64a": 0.092, "w4ca": 0.125, "w3g64": 0.22}
+    bounds = {"w2g64a": 0.36, "w3g64a": 0.19, "w4g64a": 0.092, "w4ca": 0.125, "w3g64": 0.22,
+              "w4g32ad8": 0.079, "w3g64ad6": 0.188}
     unsupported = ("fp8",)

@@ -12,7 +12,7 @@ from bitplan.errors import FormatError
 from bitplan.formats import parse_act, parse_weight
 from bitplan.quantizers import QuantEmbedding, QuantLinear, fake_quantize_act, get_weight_quantizer
 
-WEIGHT_FORMATS = ["w4g64a", "w3g32", "w2g64a", "nf4g64", "fp8", "w8c", "w4ca"]
+WEIGHT_FORMATS = ["w4g64a", "w3g32", "w2g64a", "nf4g64", "fp8", "w8c", "w4ca", "w4g32ad8", "w3g64ad6"]
 ACT_FORMATS = ["a16", "a8t", "afp8t"]
 
 
@@ -34,7 +34,7 @@ def test_forward_is_linear_on_dequantized_weight(linear: nn.Linear, fmt: str, ac
     q = QuantLinear.from_float(linear, fmt, act, method=method)
     x = x_for(128)
     qw = get_weight_quantizer(method).quantize(linear.weight, parse_weight(fmt))
-    assert torch.equal(q.codes, qw.codes) and torch.equal(q.scales, qw.scales)
+    assert torch.equal(q.codes, qw.codes) and torch.equal(q.quantized_weight.scales, qw.scales)
     expected = F.linear(fake_quantize_act(x, parse_act(act)), qw.dequantize(), linear.bias)
     assert torch.equal(q(x), expected)
     assert q.packed_nbytes == parse_weight(fmt).storage_bits(48, 128) // 8 == qw.nbytes
@@ -142,7 +142,7 @@ def test_from_float_errors(linear: nn.Linear) -> None:
 
 
 # -- embeddings ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["w4g32a", "w2g64", "nf4g64", "fp8", "w8c", "bf16"])
+@pytest.mark.parametrize("fmt", ["w4g32a", "w2g64", "nf4g64", "fp8", "w8c", "bf16", "w4g32ad8", "nf4g32d6"])
 def test_embedding_lookup_matches_dequantized_table(fmt: str) -> None:
     torch.manual_seed(3)
     emb = nn.Embedding(100, 64, padding_idx=0)
@@ -171,3 +171,19 @@ def test_embedding_dtype_follows_casts_and_state_dict() -> None:
     assert torch.equal(fresh(ids), full)
     q.half()
     assert q(ids).dtype == torch.float16 and q.scales.dtype == torch.float16 and q.codes.dtype == torch.uint8
+
+
+def test_double_quantized_module_stores_only_codes_and_superscales(linear: nn.Linear) -> None:
+    """A d8 weight keeps packed parameter codes + fp16 super-scales, never fp16 per-group scales, and a
+    module built from shapes alone reloads it bit-identically."""
+    q = QuantLinear.from_float(linear, "w4g32ad8", method="rtn")
+    state = q.state_dict()
+    assert {"codes", "qparams", "superscales"} <= set(state) and "scales" not in state and "offsets" not in state
+    assert q.packed_nbytes == parse_weight("w4g32ad8").storage_bits(48, 128) // 8
+    assert q.packed_nbytes < parse_weight("w4g32a").storage_bits(48, 128) // 8
+    fresh = QuantLinear(128, 48, "w4g32ad8")
+    fresh.load_state_dict(state)
+    x = x_for(128)
+    assert torch.equal(fresh(x), q(x))
+    q.set_kernel("int4pack")
+    assert ((q(x) - fresh(x)).norm() / fresh(x).norm()) < 1e-2  # bf16 kernel on the decoded scales

@@ -13,12 +13,14 @@ from .weights import gaussian, seed_for, student_t
 
 # Relative RMSE bounds on Gaussian weights: ~10% above the worst of 36 draws (3 shapes x 12 seeds).
 RTN_BOUNDS = {
+    "w4g32ad6": 0.080, "w4g32ad8": 0.084, "w3g64ad6": 0.206, "nf4g64d8": 0.102,
     "w2g64": 0.72, "w3g64": 0.25, "w4g64": 0.112, "w8g64": 0.0066,
     "w2g64a": 0.50, "w3g64a": 0.21, "w4g64a": 0.098, "w8g64a": 0.0058,
     "w3g32a": 0.185, "w4g128": 0.123, "w4c": 0.15, "w4ca": 0.14, "w8c": 0.009,
     "nf4g64": 0.10, "nf4c": 0.115, "fp8": 0.029,
 }  # fmt: skip
 RTN_MSE_BOUNDS = {
+    "w4g32ad6": 0.080, "w4g32ad8": 0.082, "w3g64ad6": 0.19, "nf4g64d8": 0.096,
     "w2g64": 0.43, "w3g64": 0.21, "w4g64": 0.104, "w8g64": 0.0066,
     "w2g64a": 0.36, "w3g64a": 0.19, "w4g64a": 0.094, "w8g64a": 0.0058,
     "w3g32a": 0.17, "w4g128": 0.11, "w4c": 0.12, "w4ca": 0.118, "w8c": 0.009,
