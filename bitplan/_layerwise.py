@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitplan._smooth import InputStats
 from bitplan.errors import BitplanError, ModelError
 from bitplan.graph import ModelGraph
 
@@ -67,11 +68,14 @@ def _capture_first_layer(
     return captured
 
 
-class _Hessians:
-    """``X^T X`` (float64) and the token count per linear, accumulated by forward hooks."""
+class _Stats:
+    """Per linear: ``X^T X`` (float64), ``sum |x|`` and ``max |x|`` per input channel, and the token count,
+    accumulated by forward hooks."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.abs_sums: dict[str, torch.Tensor] = {}
+        self.abs_max: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
 
     def hook(self, path: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
@@ -79,13 +83,21 @@ class _Hessians:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             h = self.sums.get(path)
             self.sums[path] = x.T @ x if h is None else h.addmm_(x.T, x)
+            a = x.abs()
+            prev_sum, prev_max = self.abs_sums.get(path), self.abs_max.get(path)
+            self.abs_sums[path] = a.sum(0) if prev_sum is None else prev_sum + a.sum(0)
+            self.abs_max[path] = a.amax(0) if prev_max is None else torch.maximum(prev_max, a.amax(0))
             self.counts[path] = self.counts.get(path, 0) + x.shape[0]
 
         return acc
 
-    def result(self) -> dict[str, torch.Tensor]:
-        """``X^T X / n`` per linear."""
-        return {p: h / max(1, self.counts[p]) for p, h in self.sums.items()}
+    def result(self) -> dict[str, InputStats]:
+        """``X^T X / n``, mean and max ``|x|`` per linear."""
+        out = {}
+        for p, h in self.sums.items():
+            n = max(1, self.counts[p])
+            out[p] = InputStats(h / n, self.abs_sums[p] / n, self.abs_max[p])
+        return out
 
 
 def _run_layer(
@@ -103,17 +115,18 @@ def quantize_layerwise(
     model: nn.Module,
     graph: ModelGraph,
     calib: Any,
-    quantize_layer: Callable[[int, dict[str, torch.Tensor]], None],
+    quantize_layer: Callable[[int, dict[str, InputStats]], None],
     hessian_paths: Callable[[int], list[str]],
     *,
     batch_size: int = 1,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Run the layer-wise pass; ``quantize_layer(i, hessians)`` replaces layer ``i``'s units in place.
+    """Run the layer-wise pass; ``quantize_layer(i, stats)`` replaces layer ``i``'s units in place.
 
-    ``hessian_paths(i)``: full module paths of layer ``i``'s linears whose ``X^T X / n`` (float64) the
-    quantizer needs; they are collected from the layer run on its (already quantized) inputs and handed to
-    ``quantize_layer``. Returns seconds spent (``capture``, ``hessians``, ``quantize``, ``propagate``).
+    ``hessian_paths(i)``: full module paths of layer ``i``'s linears whose input statistics (``X^T X / n`` in
+    float64, mean and max ``|x|``) the quantizers need; they are collected from the layer run on its (already
+    quantized) inputs and handed to ``quantize_layer``. Returns seconds spent (``capture``, ``hessians``,
+    ``quantize``, ``propagate``).
     """
     from tqdm.auto import tqdm
 
@@ -137,7 +150,7 @@ def quantize_layerwise(
         for i in tqdm(range(len(layers)), desc="calibrate", unit="layer", disable=not progress):
             t = time.perf_counter()
             paths = hessian_paths(i)
-            acc = _Hessians()
+            acc = _Stats()
             handles = [model.get_submodule(p).register_forward_hook(acc.hook(p)) for p in paths]
             try:
                 if paths:
@@ -145,11 +158,11 @@ def quantize_layerwise(
             finally:
                 for h in handles:
                     h.remove()
-            hessians = acc.result()
+            stats = acc.result()
             timings["hessians"] += time.perf_counter() - t
             t = time.perf_counter()
-            quantize_layer(i, hessians)
-            del hessians
+            quantize_layer(i, stats)
+            del stats
             timings["quantize"] += time.perf_counter() - t
             t = time.perf_counter()
             if i + 1 < len(layers):

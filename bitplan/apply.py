@@ -23,6 +23,7 @@ from bitplan.graph import build_graph
 from bitplan.plan import Plan
 
 if TYPE_CHECKING:
+    from bitplan._smooth import InputStats
     from bitplan.kernels._base import LatencyFn
 
 __all__ = ["apply_plan", "calibrated_units", "held_weight_bytes", "kernel_counts"]
@@ -99,7 +100,13 @@ def apply_plan(
         def paths(i: int) -> list[str]:
             return [m.path for n, _ in by_layer.get(i, []) if n in calibrated for m in units[n].members]
 
-        def quantize_layer(i: int, hessians: dict[str, torch.Tensor]) -> None:
+        from bitplan._smooth import migrate_layer
+
+        def quantize_layer(i: int, stats: dict[str, InputStats]) -> None:
+            quantized = {m.path: (c.method, c.format) for n, c in by_layer.get(i, []) if c.format.is_quantized
+                         for m in units[n].members}  # fmt: skip
+            migrate_layer(model, graph, i, quantized, stats)
+            hessians = {p: st.h for p, st in stats.items()}
             for n, c in by_layer.get(i, []):
                 replace(n, c, hessians)
 

@@ -1,6 +1,6 @@
 """Weight quantizers, activation fake-quantization and the packed modules that hold their output.
 
-A :class:`WeightQuantizer` (registered by name: ``rtn``, ``rtn-mse``, ``hqq``; later ``gptq``, ``awq``)
+A :class:`WeightQuantizer` (registered by name: ``rtn``, ``rtn-mse``, ``hqq``, ``gptq``, ``awq``, ``smoothquant``)
 turns a float ``[out, in]`` weight into a :class:`QuantizedWeight` in a given
 :class:`~bitplan.formats.WeightFormat`: bit-packed codes plus fp16 scales (and offsets), whose byte size
 is exactly ``fmt.storage_bits(out, in) // 8``. :class:`QuantLinear` / :class:`QuantEmbedding` hold one
@@ -11,7 +11,7 @@ quantization.
     layer = QuantLinear.from_float(linear, "w4g64a", "a8t", method="hqq")
 """
 
-from bitplan.quantizers import _gptq, _hqq, _rtn  # noqa: F401  (importing registers the methods)
+from bitplan.quantizers import _awq, _gptq, _hqq, _rtn  # noqa: F401  (importing registers the methods)
 from bitplan.quantizers._act import fake_quantize_act
 from bitplan.quantizers._base import (
     WEIGHT_QUANTIZERS,

@@ -80,6 +80,7 @@ def measure_latency(
     kernel_latency: Callable[[Any, Any], float | None] | None = None,
     new: int = 32,
     rounds: int = 5,
+    calib: Any = None,
 ) -> list[MeasuredLatency]:
     """Apply each trial's plan to a copy of ``model`` (kernels ranked by ``kernel_latency``) and time its
     decoding against ``model`` itself at ``space.context`` cached tokens and ``space.batch`` sequences."""
@@ -91,7 +92,7 @@ def measure_latency(
     for t, index in zip(trials, indexes, strict=True):
         start = time.perf_counter()
         plan = space.to_plan(index, {"trial": t.number})
-        qmodel = apply_plan(copy.deepcopy(model), plan, kernels="auto", latency=kernel_latency)
+        qmodel = apply_plan(copy.deepcopy(model), plan, kernels="auto", latency=kernel_latency, calib=calib)
         base, quant = paired_decode_ms([model, qmodel], context=space.context, new=new, rounds=rounds,
                                        batch=space.batch)  # fmt: skip
         del qmodel
@@ -127,6 +128,7 @@ def verify_latency(
     rounds: int = 5,
     margin: float = 0.0,
     progress: bool = True,
+    calib: Any = None,
 ) -> dict[str, Any]:
     """Time front plans (lowest proxy loss first) until ``k`` meet the budget or ``max_measured`` were timed.
 
@@ -149,7 +151,7 @@ def verify_latency(
             break
         attrs: Mapping[str, Any] = t.user_attrs
         if "verify_ms" not in attrs:
-            rec = measure_latency(model, space, [t], kernel_latency=kernel_latency, new=new, rounds=rounds)
+            rec = measure_latency(model, space, [t], kernel_latency=kernel_latency, new=new, rounds=rounds, calib=calib)
             record_latency(study, rec)
             attrs, fresh = rec[0].attrs(), fresh + 1
         timed.append(t.number)

@@ -66,10 +66,10 @@ def run_pipeline(inputs: PipelineInputs, config: SearchConfig, run_dir: str | Pa
     stages["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    calib = load_calib(tok, inputs.calib, inputs.tokens, inputs.window)  # also what calibrated plans apply with
     if inputs.table:
         table = SensitivityTable.load(inputs.table)
     else:
-        calib = load_calib(tok, inputs.calib, inputs.tokens, inputs.window)
         candidates = Candidates.parse(
             list(config.weights) if config.weights else None,
             list(config.acts) if config.acts else None,
@@ -88,12 +88,12 @@ def run_pipeline(inputs: PipelineInputs, config: SearchConfig, run_dir: str | Pa
         verify_ids = default_verify_tokens(tok, inputs.calib, table.meta.tokens, inputs.verify_tokens, inputs.window)
 
     result = search(model, table, run_dir, config, verify_tokens=verify_ids, window=inputs.window,
-                    name_or_path=inputs.model, progress=progress, cost_model=cost_model)  # fmt: skip
+                    name_or_path=inputs.model, progress=progress, cost_model=cost_model, calib=calib)  # fmt: skip
     result.stage_seconds.update({**stages, **result.stage_seconds})
 
     if inputs.eval_data and result.best_plan is not None:
         t = time.perf_counter()
-        result.summary["eval"] = _final_eval(model, result, inputs, tok)
+        result.summary["eval"] = _final_eval(model, result, inputs, tok, calib)
         result.stage_seconds["eval"] = time.perf_counter() - t
     result.summary["stage_seconds"] = result.stage_seconds
     result.summary["sensitivity"] = {"table": str(inputs.table or run_dir / "sensitivity.parquet"),
@@ -103,7 +103,7 @@ def run_pipeline(inputs: PipelineInputs, config: SearchConfig, run_dir: str | Pa
     return result
 
 
-def _final_eval(model: Any, result: SearchResult, inputs: PipelineInputs, tok: Any) -> dict[str, Any]:
+def _final_eval(model: Any, result: SearchResult, inputs: PipelineInputs, tok: Any, calib: Any) -> dict[str, Any]:
     """Perplexity and KL of the picked plan (and 16-bit) on the evaluation text: reported, never chosen by."""
     from bitplan.apply import apply_plan
     from bitplan.eval import ReferenceLogProbs, evaluate, load_tokens
@@ -114,7 +114,7 @@ def _final_eval(model: Any, result: SearchResult, inputs: PipelineInputs, tok: A
     ref = ReferenceLogProbs(model, ids, inputs.window, progress=False)
     base = evaluate(model, tokens=ids, max_tokens=ids.numel(), window=inputs.window, reference=ref, progress=False)
     plan = Plan.load(result.best_plan)
-    q = apply_plan(copy.deepcopy(model), plan, kernels="reference")
+    q = apply_plan(copy.deepcopy(model), plan, kernels="reference", calib=calib)
     with torch.no_grad():
         r = evaluate(q, tokens=ids, max_tokens=ids.numel(), window=inputs.window, reference=ref, progress=False)
     return {"file": str(inputs.eval_data), "tokens": r.tokens, "ppl": r.ppl, "kl": r.kl, "ppl_16bit": base.ppl,

@@ -189,11 +189,14 @@ def search(
     window: int = 512,
     name_or_path: str = "",
     progress: bool = True,
+    calib: Any = None,
 ) -> SearchResult:
     """Search ``table``'s space under ``config.budgets``; verify the front on ``model`` with ``verify_tokens``.
 
     The model's graph names the decisions. ``verify_tokens`` ``None`` (or ``verify_k`` 0) skips verification:
-    the front is then ranked by the proxy alone, which the report says.
+    the front is then ranked by the proxy alone, which the report says. ``calib``: calibration windows, needed
+    when the table offers calibrated options (``@gptq``, ``@awq``...) and front plans are applied (verified
+    or timed); the profile's own calibration tokens are the natural choice.
     """
     from bitplan.search._knapsack import check_feasible, seed_choices
     from bitplan.search._report import write_outputs
@@ -210,6 +213,11 @@ def search(
         prune_kv=config.prune_kv, tie_clusters=config.tie_clusters, score_method=config.score_method,
         batch=config.batch, context=config.context, name_or_path=name_or_path,
     )  # fmt: skip
+    calibrated = space.calibrated_methods()
+    applies = (verify_tokens is not None and config.verify_k > 0) or config.times_latency
+    if calibrated and applies and calib is None:
+        raise BitplanError(f"the options include calibrated methods ({', '.join(calibrated)}): verifying plans "
+                           "applies them, which needs the calibration data; pass calib")  # fmt: skip
     cost_model = cost_model or BytesCostModel()
     latency = cost_model.latency(space)
     check_feasible(space, config.budgets, latency)
@@ -239,7 +247,7 @@ def search(
 
         timing = verify_latency(study, model, space, pareto, config.budgets, k=config.verify_k, new=config.latency_tokens,
                                 rounds=config.latency_rounds, margin=config.latency_margin,
-                                kernel_latency=cost_model.kernel_latency(), progress=progress)  # fmt: skip
+                                kernel_latency=cost_model.kernel_latency(), progress=progress, calib=calib)  # fmt: skip
         if config.budgets.has_latency:  # only plans that met the budget when timed go on to quality verification
             candidates = [tr for tr in pareto if tr.number in set(timing["passing"])]
     stages["time_latency"] = time.perf_counter() - t
@@ -258,7 +266,7 @@ def search(
         candidates = with_verification(study, candidates)  # verification numbers live in study attrs (see _verify)
         chosen = pick_for_verification(candidates, config.verify_k)
         todo = [tr for tr in chosen if "verify_kl" not in tr.user_attrs]  # a rerun keeps earlier measurements
-        done = verify(model, space, todo, verify_tokens, window, progress=progress) if todo else []
+        done = verify(model, space, todo, verify_tokens, window, progress=progress, calib=calib) if todo else []
         record_verification(study, done)
         pareto = with_verification(study, front(study))
         verified = [tr for tr in pareto if "verify_kl" in tr.user_attrs]

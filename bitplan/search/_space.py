@@ -351,6 +351,13 @@ class SearchSpace:
         return mixed_plan(self.graph, weights=weights, acts=acts, kv=kvs, granularity=self.granularity,
                           metadata=metadata, name_or_path=self.name_or_path)  # fmt: skip
 
+    def calibrated_methods(self) -> list[str]:
+        """The weight methods among the options that need calibration data to apply (``gptq``, ``awq``...)."""
+        from bitplan.quantizers import get_weight_quantizer
+
+        methods = {o.label.partition("@")[2] for d in self.decisions if d.kind in ("weight", "head") for o in d.options}
+        return sorted(m for m in methods if m and get_weight_quantizer(m).needs_calibration)
+
     def describe(self) -> str:
         by = {k: [d for d in self.decisions if d.kind == k] for k in ("weight", "head", "act", "kv")}
         size = sum(math.log10(len(d.options)) for d in self.decisions)

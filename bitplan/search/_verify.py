@@ -121,13 +121,15 @@ def verify(
     window: int,
     *,
     progress: bool = True,
+    calib: Any = None,
 ) -> list[Verified]:
     """Apply each trial's plan to a deep copy of ``model`` and measure KL to ``model`` and perplexity.
 
     ``tokens``: 1-D held-out verification text (see the module docstring), scored in non-overlapping
     ``window``-token windows exactly as :func:`bitplan.eval.evaluate` does. The unquantized log-probs are
     computed once (:class:`~bitplan.eval.ReferenceLogProbs`) and shared by all plans, as in
-    :func:`bitplan.sensitivity.additivity_check`; ``model`` itself is left untouched.
+    :func:`bitplan.sensitivity.additivity_check`; ``model`` itself is left untouched. ``calib``: calibration
+    windows for plans with calibrated units (GPTQ, AWQ...; the profile's own tokens).
     """
     from tqdm.auto import tqdm
 
@@ -143,7 +145,7 @@ def verify(
     for t, index in zip(tqdm(trials, desc="verify", unit="plan", disable=not progress), indexes, strict=True):
         start = time.perf_counter()
         plan = space.to_plan(index, {"trial": t.number})
-        qmodel = apply_plan(copy.deepcopy(model), plan, kernels="reference")
+        qmodel = apply_plan(copy.deepcopy(model), plan, kernels="reference", calib=calib)
         res = evaluate(qmodel, tokens=tokens, max_tokens=tokens.numel(), window=window, reference=ref,
                        progress=False, desc=f"trial {t.number}")  # fmt: skip
         del qmodel

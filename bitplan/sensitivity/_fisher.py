@@ -70,6 +70,7 @@ from bitplan.quantizers import fake_quantize_act, get_weight_quantizer
 from bitplan.quantizers._base import WeightQuantizer, decode_groups, encode_groups, group_view
 from bitplan.quantizers._rtn import RTN
 from bitplan.sensitivity._calib import CalibData
+from bitplan.sensitivity._calibrated import CalibratedWeights, precompute
 from bitplan.sensitivity._candidates import Candidates, WeightOption
 from bitplan.sensitivity._rows import ScoreRow
 
@@ -177,8 +178,10 @@ class _Scorer:
     """Forward / backward hooks that turn each batch's (X, g) into score contributions."""
 
     def __init__(self, source: nn.Module, work: nn.Module, graph: ModelGraph, units: Sequence[Unit],
-                 candidates: Candidates, kinds: Sequence[str], form: FisherForm, dtype: torch.dtype) -> None:
+                 candidates: Candidates, kinds: Sequence[str], form: FisherForm, dtype: torch.dtype,
+                 calibrated: CalibratedWeights | None = None) -> None:  # fmt: skip
         self.source, self.work, self.form, self.dtype = source, work, form, dtype
+        self.units, self.calibrated = units, calibrated or CalibratedWeights()
         self.acts: tuple[ActFormat, ...] = candidates.acts if "act" in kinds else ()
         weights = "weight" in kinds
         self.opts = [candidates.weight_options(u.in_features) if weights else [] for u in units]
@@ -259,9 +262,15 @@ class _Scorer:
         if lin.deltas is None:
             w = _weight_out_in(self.source.get_submodule(lin.info.path), lin.info).float()
             parts = []
+            unit = self.units[lin.unit]
+            member = [m.path for m in unit.members].index(lin.info.path)
             for k, opt in enumerate(lin.options):
                 t0 = time.perf_counter()
-                parts.append((_fake_quantize(self.quantizers[opt.method], w, opt.format) - w).to(self.dtype))
+                if (unit.name, opt) in self.calibrated:  # the method's real weights, quantized once
+                    q = self.calibrated.dequantized(unit.name, opt)[member]
+                else:
+                    q = _fake_quantize(self.quantizers[opt.method], w, opt.format)
+                parts.append((q - w).to(self.dtype))
                 self.sec_w[lin.unit][k] += time.perf_counter() - t0
             lin.deltas = torch.cat(parts if lin.g_side else [p.t() for p in parts], dim=1).contiguous()
         return lin.deltas
@@ -336,6 +345,7 @@ def fisher_scores(
     form: FisherForm = "token",
     progress: bool = True,
     seed: int = 0,
+    calibrated: CalibratedWeights | None = None,
 ) -> list[ScoreRow]:
     """Fisher estimate of the KL of quantizing each unit with each weight option, and each layer's
     activations with each act format, from one forward + backward per calibration batch.
@@ -343,6 +353,8 @@ def fisher_scores(
     Rows (``method="fisher"``): weights in unit order x options in candidate order, then acts per layer
     x act format. ``dtype`` is the compute dtype of the model and the GEMMs (scores accumulate in fp32 /
     fp64); ``form`` the quadratic form (module docstring); ``kinds`` a subset of ``("weight", "act")``.
+    Calibrated options (``@gptq``, ``@awq``...) are scored on their real weights, from ``calibrated`` or
+    quantized here first (:func:`bitplan.sensitivity._calibrated.precompute`).
     """
     bad = [k for k in kinds if k not in _KINDS]
     if bad:
@@ -356,8 +368,11 @@ def fisher_scores(
     gen = torch.Generator().manual_seed(seed)
     tokens = calib.num_windows * (calib.window - 1)
     eager = form == "token" and "weight" in kinds and bool(_v_pairs(graph))
+    if calibrated is None and "weight" in kinds:
+        calibrated = precompute(model, graph, calib, [(u, candidates.weight_options(u.in_features)) for u in units],
+                                progress=progress)  # fmt: skip
     with _working_model(model, dtype, eager) as work:
-        scorer = _Scorer(model, work, graph, units, candidates, kinds, form, dtype)
+        scorer = _Scorer(model, work, graph, units, candidates, kinds, form, dtype, calibrated)
         handles = scorer.install()
         try:
             embed: nn.Module = work.get_input_embeddings()  # type: ignore[operator]

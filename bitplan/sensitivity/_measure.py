@@ -67,6 +67,7 @@ from bitplan.graph import Granularity, ModelGraph, Unit, build_graph
 from bitplan.loading import CACHE_KWARGS, _param_device, compute_dtype_for
 from bitplan.quantizers import fake_quantize_act, get_weight_quantizer
 from bitplan.sensitivity._calib import CalibData
+from bitplan.sensitivity._calibrated import CalibratedWeights, precompute
 from bitplan.sensitivity._candidates import Candidates, WeightOption
 from bitplan.sensitivity._kvattn import TwoPartKV, chunked_head_inputs, stored_before, two_part_mask
 from bitplan.sensitivity._rows import Kind, ScoreRow
@@ -334,38 +335,27 @@ class _Engine:
                 sums[v][1] += dn
         return [(kl / self.tokens, dn / self.tokens) for kl, dn in sums]
 
-    def unit_activations(self, unit: Unit) -> Tensor:
-        """All calibration inputs ``[tokens, in]`` (fp32) of ``unit``, for calibrated quantizers."""
-        layer = cast(int, unit.layer)
-        got: list[Tensor] = []
-        module = self.model.get_submodule(unit.members[0].path)
-        with _hooks(
-            [module.register_forward_pre_hook(lambda m, a: got.append(a[0].detach().float().flatten(0, -2)))]
-        ):
-            for batch in self.batches:
-                if self.reuse:
-                    self.layers[layer](batch.inputs[layer], *batch.calls[layer][0], **batch.calls[layer][1])
-                else:
-                    self.model(batch.ids, use_cache=False)
-        return torch.cat(got)
-
 
 # ------------------------------------------------------------------------------------------ options
 @contextlib.contextmanager
 def _quantized_unit(
-    engine: _Engine, unit: Unit, option: WeightOption, originals: dict[int, Tensor], acts: Tensor | None
+    engine: _Engine, unit: Unit, option: WeightOption, originals: dict[int, Tensor], cache: CalibratedWeights
 ) -> Iterator[None]:
     """Replace the unit's member weights by ``Q(W)`` dequantized to the compute dtype, then put them back.
 
-    ``Q`` sees the model's own values (before the cast to the compute dtype), as ``apply_plan`` would."""
-    quantizer = get_weight_quantizer(option.method)
+    ``Q`` sees the model's own values (before the cast to the compute dtype), as ``apply_plan`` would;
+    calibrated options come from ``cache`` (:mod:`bitplan.sensitivity._calibrated`)."""
+    params = [cast(Tensor, engine.model.get_submodule(m.path).weight) for m in unit.members]
+    if (unit.name, option) in cache:
+        deqs = cache.dequantized(unit.name, option)
+    else:
+        quantizer = get_weight_quantizer(option.method)
+        deqs = [quantizer.quantize(originals[id(p)].t() if m.transposed else originals[id(p)], option.format).dequantize()
+                for p, m in zip(params, unit.members, strict=True)]  # fmt: skip
     swapped: list[tuple[Tensor, Tensor]] = []
     try:
-        for member in unit.members:
-            param = cast(Tensor, engine.model.get_submodule(member.path).weight)
-            w = originals[id(param)]
-            wq = quantizer.quantize(w.t() if member.transposed else w, option.format, activations=acts)
-            deq = wq.dequantize(engine.dtype)
+        for member, param, deq in zip(unit.members, params, deqs, strict=True):
+            deq = deq.to(engine.dtype)
             swapped.append((param, param.data))
             param.data = (deq.t() if member.transposed else deq).contiguous()
         yield
@@ -433,6 +423,7 @@ def measured_scores(
     kv_batch: int = 1,
     reuse: bool = True,
     compile: bool | None = None,
+    calibrated: CalibratedWeights | None = None,
 ) -> list[ScoreRow]:
     """Measured ``kl`` rows: the harm of quantizing only one unit / layer, for every candidate option.
 
@@ -452,6 +443,8 @@ def measured_scores(
     passes (what models whose layers cannot be replayed get). ``compile``: fuse the vocabulary reduction
     with ``torch.compile`` (default: for vocabularies of >= 16k). The model is unchanged afterwards, also when
     interrupted. A tqdm bar on stderr (``progress``) shows the work done, weighted by cost, with an ETA.
+    Calibrated options (``@gptq``, ``@awq``...) are scored on their real weights, from ``calibrated`` or
+    quantized here first (:func:`bitplan.sensitivity._calibrated.precompute`).
     """
     if batch_size < 1 or kv_batch < 1:
         raise ValueError(f"batch_size and kv_batch must be at least 1, got {batch_size}, {kv_batch}")
@@ -468,6 +461,9 @@ def measured_scores(
     groups = _groups(graph, candidates, kinds, granularity, skipped)
     if not groups:
         return []
+    if calibrated is None:
+        work = [(cast(Unit, g.info), g.items) for g in groups if g.kind == "weight"]
+        calibrated = precompute(model, graph, calib, work, progress=progress)
 
     rows: list[ScoreRow] = []
     with _working_state(model, dtype) as originals, torch.no_grad():
@@ -492,7 +488,7 @@ def measured_scores(
             for g in groups:
                 bar.set_description_str(g.unit)
                 done = _run_group(
-                    engine, g, originals, kv_chunk, kv_batch, functools.partial(tick, cost(g.layer))
+                    engine, g, originals, kv_chunk, kv_batch, functools.partial(tick, cost(g.layer)), calibrated
                 )
                 rows.extend(done)
                 bar.set_postfix_str(f"{len(rows)}/{n_rows} rows")
@@ -504,7 +500,7 @@ def measured_scores(
 
 
 def _run_group(engine: _Engine, g: _Group, originals: dict[int, Tensor], kv_chunk: int | None, kv_batch: int,
-               tick: Callable[[int], Any]) -> list[ScoreRow]:  # fmt: skip
+               tick: Callable[[int], Any], cache: CalibratedWeights) -> list[ScoreRow]:  # fmt: skip
     out: list[ScoreRow] = []
 
     def add(fmt: Any, quantizer: str, res: tuple[float, float], t0: float, n: int = 1, params: int = 0,
@@ -515,11 +511,9 @@ def _run_group(engine: _Engine, g: _Group, originals: dict[int, Tensor], kv_chun
 
     if g.kind == "weight":
         unit = cast(Unit, g.info)
-        calibrated = [get_weight_quantizer(o.method).needs_calibration for o in g.items]
-        acts = engine.unit_activations(unit) if any(calibrated) else None
-        for opt, needs in zip(g.items, calibrated, strict=True):
+        for opt in g.items:
             t0 = time.perf_counter()
-            with _quantized_unit(engine, unit, opt, originals, acts if needs else None):
+            with _quantized_unit(engine, unit, opt, originals, cache):
                 res = engine.measure(g.layer)[0]
             add(
                 opt.format,

@@ -134,6 +134,15 @@ def profile(
             store.append(fresh)
 
     timings: dict[str, float] = {}
+    calibrated = None
+    if "weight" in by_kind:  # calibrated options: quantized once, shared by both scorers
+        from bitplan.sensitivity._calibrated import precompute
+
+        todo_units = {k[0] for k in wanted if k[1] == "weight"} - {k[0] for k in done}
+        work = [(u, candidates.weight_options(u.in_features)) for u in graph.units(granularity) if u.name in todo_units]
+        calibrated = precompute(model, graph, calib, work, progress=progress)
+        if calibrated.entries:
+            timings["calibrated_seconds"] = calibrated.seconds
     fisher_kinds = tuple(k for k, ms in by_kind.items() if "fisher" in ms and k != "head")
     kl_kinds = tuple(k for k, ms in by_kind.items() if "kl" in ms and k != "head")
     if fisher_kinds:
@@ -142,7 +151,7 @@ def profile(
             from bitplan.sensitivity._fisher import fisher_scores
 
             t = time.perf_counter()
-            keep(fisher_scores(model, calib, candidates, granularity=granularity, batch_size=batch_size, dtype=dtype, kinds=fisher_kinds, progress=progress))
+            keep(fisher_scores(model, calib, candidates, granularity=granularity, batch_size=batch_size, dtype=dtype, kinds=fisher_kinds, progress=progress, calibrated=calibrated))
             timings["fisher_seconds"] = time.perf_counter() - t
     if kl_kinds:
         todo = {k for k in wanted if k[4] == "kl"} - done
@@ -152,7 +161,7 @@ def profile(
             t = time.perf_counter()
             keep(measured_scores(
                 model, calib, candidates, kinds=kl_kinds, granularity=granularity, batch_size=batch_size,
-                dtype=dtype, skip=set(done), on_rows=keep, progress=progress,
+                dtype=dtype, skip=set(done), on_rows=keep, progress=progress, calibrated=calibrated,
             ))  # fmt: skip
             timings["kl_seconds"] = time.perf_counter() - t
     if "head" in by_kind:  # the output head: measured KL by every method (see _head)

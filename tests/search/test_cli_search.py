@@ -149,3 +149,21 @@ def test_latency_budget_hands_back_only_plans_timed_within_it(table: Path, tiny_
     lat = best.metadata["measured_latency"]
     assert lat["meets_budget"] is True and lat["ms"] > 0 and lat["latency_rounds"] == 2
     assert best.metadata["verification"]["kl"] is not None  # quality-verified after it met the budget
+
+
+def test_search_chooses_methods_per_unit(tiny_model_path: Path, wikitext_calib: Path, tmp_path: Path) -> None:
+    """Calibrated options (``@gptq``, ``@awq``) are profiled on their real weights, offered per unit, and the
+    verified plans are applied with the calibration data; the plan records each unit's method."""
+    args = ["search", "--model", str(tiny_model_path), "--calib", str(wikitext_calib), "--tokens", "1024",
+            "--window", "128", "--verify-tokens", "512", "--kinds", "weight", "--weights",
+            "w4g32a,w3g32a,w3g32a@gptq,w3g32a@awq", "--max-avg-bits", "4.2", "--trials", "40",
+            "--verify-top", "2", "--sens-method", "kl", "-o", str(tmp_path / "run"), "--json"]  # fmt: skip
+    assert main(args) == 0
+    best = Plan.load(tmp_path / "run" / "best.json")
+    methods = {c.method for _, c in best.unit_choices()}
+    assert methods & {"gptq", "awq"}, methods  # mostly 3-bit: calibrated options win somewhere
+    assert best.metadata["verification"]["kl"] is not None
+    from bitplan.sensitivity import SensitivityTable
+
+    rows = SensitivityTable.load(tmp_path / "run" / "sensitivity.parquet").rows
+    assert {"rtn", "gptq", "awq"} <= {r.quantizer for r in rows}

@@ -1,0 +1,77 @@
+"""Calibrated weight options in the profile: scored on the method's real weights, quantized once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from bitplan.sensitivity import CalibData, Candidates, profile
+from bitplan.sensitivity import _calibrated as calibrated_mod
+
+from ..test_smooth import _loud
+
+FORMAT = "w3g32a"
+
+
+@pytest.fixture(scope="module")
+def model(make_random_lm: Any) -> Any:
+    return _loud(make_random_lm("llama", max_position_embeddings=128))
+
+
+@pytest.fixture(scope="module")
+def calib() -> CalibData:
+    g = torch.Generator().manual_seed(0)
+    return CalibData(torch.randint(3, 256, (4, 64), generator=g), source="random")
+
+
+def test_both_scorers_score_calibrated_options_from_one_quantization(
+    model: Any, calib: CalibData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = calibrated_mod.quantize_option
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrated_mod, "quantize_option", counting)
+    opts = [FORMAT, f"{FORMAT}@gptq", f"{FORMAT}@awq"]
+    table = profile(model, calib, Candidates.parse(opts, [], []), method="both", kinds=("weight",), progress=False)
+    units = {r.unit for r in table.rows}
+    assert len(calls) == 2 * len(units)  # gptq + awq per unit, once for both scorers
+    for method in ("kl", "fisher"):
+        score = {(r.unit, r.quantizer): r.score for r in table.rows if r.method == method}
+        for q in ("gptq", "awq"):
+            better = sum(score[(u, q)] < score[(u, "rtn")] for u in units)
+            assert better >= 0.75 * len(units), (method, q, better, len(units))
+    assert table.meta.extra["timings"]["calibrated_seconds"] > 0
+
+
+def test_calibrated_rows_match_apply_for_a_fused_unit(model: Any, calib: CalibData) -> None:
+    """The scored weights are the ones apply_plan would compute for a unit quantized alone."""
+    import copy
+
+    import bitplan
+    from bitplan.graph import build_graph
+
+    graph = build_graph(model)
+    unit = graph.layer_units(0)[0]  # qkv: reads input_layernorm, foldable
+    cache = calibrated_mod.precompute(
+        model, graph, calib, [(unit, Candidates.parse([f"{FORMAT}@awq"], [], []).weight_options(unit.in_features))]
+    )
+    (opt,) = Candidates.parse([f"{FORMAT}@awq"], [], []).weight_options(unit.in_features)
+    ours = cache.dequantized(unit.name, opt)
+    plan = bitplan.uniform_plan(model, "bf16")
+    first = plan.layers[0]
+    choice = type(first.weights[unit.local])(opt.format, "awq")
+    layer = type(first)(first.index, {**first.weights, unit.local: choice}, first.acts, first.kv)
+    plan = plan.__class__(plan.model, (layer, *plan.layers[1:]), plan.shapes, plan.granularity, plan.extra, plan.metadata)
+    q = bitplan.apply_plan(copy.deepcopy(model), plan, kernels="reference", calib=calib)
+    norm_ratio = model.get_submodule("model.layers.0.input_layernorm").weight / q.get_submodule(
+        "model.layers.0.input_layernorm"
+    ).weight
+    for member, w in zip(unit.members, ours, strict=True):
+        applied = q.get_submodule(member.path).dequantize_weight() / norm_ratio  # undo the folded scale
+        torch.testing.assert_close(applied, w, rtol=1e-4, atol=1e-5)
