@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# BITPLAN_BENCH_RESULTS: write elsewhere (smoke runs of a benchmark on a small model)
+RESULTS = Path(os.environ.get("BITPLAN_BENCH_RESULTS") or Path(__file__).resolve().parent / "RESULTS.md")
 HEADER = "# bitplan benchmark results\n\nEvery figure below was written by the script named in its section, with the command, machine and date.\n"
 
 

@@ -91,7 +91,7 @@ def main() -> None:
             t = time.perf_counter()
             plan = bitplan.uniform_plan(model, fmt, method=method, name_or_path=args.model)
             with _RSSPeak() as watch:
-                bitplan.apply_plan(model, plan, kernels="reference", calib=calib if method == "gptq" else None)
+                bitplan.apply_plan(model, plan, kernels="reference", calib=calib)
             q_s = time.perf_counter() - t
             peak = max(0, watch.peak - rss0)
             r = bitplan.evaluate(
@@ -109,7 +109,7 @@ def main() -> None:
         stamp().rstrip(),
         f"- evaluation: first {tokens.numel()} tokens of `{Path(args.data).name}`, {args.window}-token windows scored alone (as "
         f"section core); 16-bit (fp32) ppl {base_r.ppl:.3f}; reference pass {ref_s:.0f} s",
-        f"- calibration (gptq): {calib.tokens} tokens of `{Path(args.calib).name}` in {calib.num_windows} windows of "
+        f"- calibration (gptq, awq, smoothquant; others ignore it): {calib.tokens} tokens of `{Path(args.calib).name}` in {calib.num_windows} windows of "
         f"{calib.window}, one layer-wise pass (each layer's Hessians from the already-quantized layers' outputs); GPTQ "
         "blocks of 128 columns, 1% damping, no act-order; quantize time includes the pass",
         "- peak: the highest RSS while quantizing (polled every 50 ms) minus the RSS before, with the model copy "

@@ -44,7 +44,7 @@ def apply_plan(
     kernel's name (see :func:`bitplan.kernels.choose_kernel`); ``latency`` ranks kernels by measurement.
     Each ``QuantLinear`` records its kernel in ``.kernel``; :func:`kernel_counts` sums them up.
     ``calib``: calibration token windows (``CalibData`` or ``[n, window]`` ids) for calibrated methods
-    (GPTQ): when any unit uses one, the whole model is quantized layer by layer in one streaming pass
+    (GPTQ, AWQ, SmoothQuant): when any unit uses one, the whole model is quantized layer by layer in one streaming pass
     (:mod:`bitplan._layerwise`), each layer calibrated on the outputs of the already-quantized layers
     before it; calibration-free methods ignore it.
     """
@@ -129,7 +129,7 @@ def apply_plan(
 
 
 def calibrated_units(plan: Plan) -> dict[str, str]:
-    """``{unit: method}`` of the plan's quantized units whose method needs calibration data (gptq)."""
+    """``{unit: method}`` of the plan's quantized units whose method needs calibration data (gptq, awq, smoothquant)."""
     from bitplan.quantizers import get_weight_quantizer
 
     return {n: c.method for n, c in plan.unit_choices()

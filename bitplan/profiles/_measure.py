@@ -181,7 +181,7 @@ def profile_hw(
     dev = torch.device(device)
     if batch < 1 or chunk < 1 or not contexts or min(contexts) < 1:
         raise BitplanError(f"--batch, --chunk and every context must be at least 1, got {batch}, {chunk}, {list(contexts)}")
-    wf = [parse_weight(w) for w in weights]
+    wf = list(dict.fromkeys(parse_weight(w).compute_format for w in weights))  # d6/d8 run as their fp16-scale twin
     af = list(dict.fromkeys([ActFormat(), *(parse_act(a) for a in acts)]))
     kf = list(dict.fromkeys([KVFormat(), *(parse_kv(k) for k in kv)]))
     graph = build_graph(model)

@@ -1,6 +1,6 @@
 """The quantized-weight container, the quantizer base class and registry, and the one encode/decode path.
 
-A method (rtn, rtn-mse, hqq, later gptq/awq) only *chooses* per-group scales and offsets. Turning
+A method (rtn, rtn-mse, hqq, gptq, awq, smoothquant) only *chooses* per-group scales and offsets. Turning
 (weight, scales, offsets) into codes, and codes back into weights, happens here, once, so every method
 rounds, clamps and packs identically and a plan's byte count is the packed model's byte count.
 

@@ -18,7 +18,7 @@ from bitplan.formats import ActFormat, KVFormat, WeightFormat, parse_act, parse_
 
 __all__ = ["Candidates", "WeightOption", "parse_kv_set", "parse_weight_option"]
 
-DEFAULT_WEIGHTS = ("w8g64a", "w4g64a", "w4g32a", "w3g64a", "w3g32a", "w2g64a")
+DEFAULT_WEIGHTS = ("w8g64a", "w4g64a", "w4g32ad8", "w4g32a", "w3g64a", "w3g32a", "w2g64a")
 DEFAULT_ACTS = ("a8t", "a4t")
 DEFAULT_KV_BITS = (2, 4, 8, 16)  # {2,4,8} x {2,4,8} plus pairs with one 16-bit side
 
