@@ -159,3 +159,18 @@ def test_gptq_plan_applies_with_calib_and_refuses_without(tiny_model_path: Path,
     res = json.loads(out)
     assert code == 0 and res["calibration"]["methods"] == ["gptq"] and res["calibration"]["tokens"] == 1024
     assert res["ppl"] > 0 and res["kl"] > 0
+
+
+@pytest.mark.parametrize(("weights", "acts", "method"), [("w4g32ad8", "a16", "awq"), ("w8c", "a8t", "smoothquant")])
+def test_awq_and_smoothquant_plans_apply_from_the_command_line(
+    weights: str, acts: str, method: str, tiny_model_path: Path, wikitext_calib: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    plan = tmp_path / "p.json"
+    assert run(capsys, "plan", "uniform", "--model", str(tiny_model_path), "--weights", weights, "--acts", acts,
+               "--method", method, "-o", str(plan))[0] == 0  # fmt: skip
+    assert json.loads(plan.read_text())["layers"][0]["weights"]["self_attn.qkv_proj"]["method"] == method
+    code, out, _ = run(capsys, "apply", "--model", str(tiny_model_path), "--plan", str(plan), "--calib", str(wikitext_calib),
+                       "--calib-tokens", "512", "--calib-window", "256", "--json")  # fmt: skip
+    res = json.loads(out)
+    assert code == 0 and res["calibration"]["methods"] == [method] and res["calibration"]["seconds"] > 0
