@@ -32,7 +32,7 @@ from bench_core import SHARED, default_model  # noqa: E402
 import bitplan  # noqa: E402
 from bitplan.eval import ReferenceLogProbs, load_tokens  # noqa: E402
 from bitplan.search import Budgets, SearchConfig, search  # noqa: E402
-from bitplan.sensitivity import Candidates, load_calib, profile  # noqa: E402
+from bitplan.sensitivity import Candidates, SensitivityTable, load_calib, profile  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 # llama.cpp on the same model and protocol (issue 8): (bits per decoder-linear weight, ppl with imatrix, without)
@@ -49,8 +49,10 @@ def main() -> None:
     ap.add_argument("--calib", default=str(SHARED / "data" / "wikitext-2-valid-unk.txt"))
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--options", default=OPTIONS)
+    ap.add_argument("--extra-options", default="",
+                    help="more options, profiled into a second table with the same calibration tokens and merged")
     ap.add_argument("--budgets", default="3,3.5,4,4.5")
-    ap.add_argument("--uniform", default="w3g64a@gptq,w4g64a@gptq")
+    ap.add_argument("--uniform", default="w3g64a@gptq,w4g64a@gptq", help="uniform plans to score too ('' for none)")
     ap.add_argument("--trials", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--section", default="mixed")
@@ -66,26 +68,36 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     table = profile(model, calib, Candidates.parse(options, [], []), method="fisher", kinds=("weight",),
                     output=OUT / f"sens-methods-{Path(args.model).name}-{args.calib_tokens}.parquet", progress=True)  # fmt: skip
+    if args.extra_options:  # same calibration tokens and scorer: the rows are comparable, the tables merge
+        extra = args.extra_options.split(",")
+        more = profile(model, calib, Candidates.parse(extra, [], []), method="fisher", kinds=("weight",),
+                       output=OUT / f"sens-methods-{Path(args.model).name}-{args.calib_tokens}-{'-'.join(extra)}.parquet",
+                       progress=True)  # fmt: skip
+        table = SensitivityTable([*table.rows, *more.rows], table.meta)
+        options += extra
     sens_s = time.perf_counter() - t
     print(f"sensitivity: {len(table)} rows, {sens_s:.0f} s {table.meta.extra.get('timings', {})}", flush=True)
 
     tokens = load_tokens(tok, args.data, 40960)
     reference = ReferenceLogProbs(model, tokens, 512, batch_size=4)
-    base = bitplan.evaluate(model, tokens=tokens, window=512, reference=reference, batch_size=4, progress=False)
+    base = bitplan.evaluate(model, tokens=tokens, max_tokens=tokens.numel(), window=512, reference=reference, batch_size=4,
+                            progress=False)
     print(f"16-bit: ppl {base.ppl:.3f} on {base.tokens} tokens", flush=True)
 
     def score(plan: bitplan.Plan) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         q = bitplan.apply_plan(copy.deepcopy(model), plan, kernels="reference", calib=calib)
         apply_s = time.perf_counter() - t0
-        r = bitplan.evaluate(q, tokens=tokens, window=512, reference=reference, batch_size=4, progress=False)
+        r = bitplan.evaluate(q, tokens=tokens, max_tokens=tokens.numel(), window=512, reference=reference, batch_size=4,
+                             progress=False)
         return r.ppl, float(r.kl or 0.0), apply_s
 
     free = tuple(o for o in options if not o.endswith("@gptq"))
     rows = []
     for budget in (float(b) for b in args.budgets.split(",")):
         for label, weights in (("with calibration", tuple(options)), ("calibration-free", free)):
-            run = OUT / f"mixed-{Path(args.model).name}-{args.trials}-{budget}-{'cal' if weights != free else 'free'}"
+            tag = f"{args.trials}-{budget}-{'cal' if weights != free else 'free'}" + ("-" + "-".join(args.extra_options.split(",")) if args.extra_options else "")
+            run = OUT / f"mixed-{Path(args.model).name}-{tag}"
             cfg = SearchConfig(budgets=Budgets(max_avg_bits=budget), trials=args.trials, kinds=("weight",),
                                weights=weights, verify_k=0)  # fmt: skip
             res = search(model, table, run, cfg, name_or_path=args.model, progress=False, calib=calib)
@@ -99,7 +111,7 @@ def main() -> None:
             mix = ", ".join(f"{k} x{v}" for k, v in sorted(methods.items(), key=lambda kv: -kv[1]))
             rows.append((f"searched <= {budget} ({label})", plan.summary().avg_weight_bits, ppl, kl, apply_s, mix))
             print(rows[-1], flush=True)
-    for item in args.uniform.split(","):
+    for item in filter(None, args.uniform.split(",")):
         fmt, _, method = item.partition("@")
         plan = bitplan.uniform_plan(model, fmt, method=method or "rtn", name_or_path=args.model)
         ppl, kl, apply_s = score(plan)
