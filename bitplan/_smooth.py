@@ -164,6 +164,17 @@ def smooth_scales(weights: list[torch.Tensor], stats: InputStats, alpha: float) 
 MIGRATING = frozenset({"awq", "smoothquant"})
 
 
+def migration_scale(method: str, weights: list[torch.Tensor], fmts: list[WeightFormat], stats: InputStats) -> torch.Tensor:
+    """The input scale ``method`` (``awq`` or ``smoothquant``) migrates for units with ``weights`` ``[out, in]``:
+    AWQ's searched one (over ``weights`` in their ``fmts``), SmoothQuant's from its quantizer's ``alpha``."""
+    from bitplan.quantizers import get_weight_quantizer
+
+    if method == "awq":
+        return awq_scales(weights, fmts, stats)[0]
+    alpha = float(getattr(get_weight_quantizer("smoothquant"), "alpha", 0.5))
+    return smooth_scales(weights, stats, alpha)
+
+
 def migrate_layer(
     model: nn.Module,
     graph: ModelGraph,
@@ -177,8 +188,6 @@ def migrate_layer(
     statistics in ``stats`` are rescaled to the folded inputs (``H / (s s^T)``), so methods that quantize
     from them afterwards (GPTQ, AWQ's clipping) see the inputs the folded model really computes.
     Returns ``{"folded": n, "unfolded": m}`` (input groups)."""
-    from bitplan.quantizers import get_weight_quantizer
-
     counts = {"folded": 0, "unfolded": 0}
     for g in input_groups(model, graph, index):
         methods = {choices[c][0] for c in g.consumers if c in choices} & MIGRATING
@@ -194,12 +203,10 @@ def migrate_layer(
             counts["unfolded"] += 1
             continue
         weight = {c: _weight_of(model.get_submodule(c)) for c in g.consumers}
-        if "awq" in methods:
-            members = [c for c in g.consumers if c in choices and choices[c][0] == "awq"]
-            s, _ = awq_scales([weight[c] for c in members], [choices[c][1] for c in members], st)
-        else:
-            alpha = float(getattr(get_weight_quantizer("smoothquant"), "alpha", 0.5))
-            s = smooth_scales(list(weight.values()), st, alpha)
+        method = next(iter(methods))  # AWQ searches over its own units, SmoothQuant over every reader
+        members = [c for c in g.consumers if c in choices and choices[c][0] == "awq"] if method == "awq" else list(weight)
+        fmts = [choices[c][1] for c in members if c in choices]  # AWQ's members all are; SmoothQuant ignores them
+        s = migration_scale(method, [weight[c] for c in members], fmts, st)
         fold(model, g, s)
         inv = torch.outer(s, s).double()
         for c in g.consumers:

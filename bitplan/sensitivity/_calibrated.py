@@ -64,17 +64,12 @@ def quantize_option(
     option: WeightOption, weights: list[Tensor], stats: Any, foldable: bool
 ) -> tuple[list[QuantizedWeight], Tensor | None]:
     """One calibrated option of one unit from its input statistics (:class:`bitplan._smooth.InputStats`)."""
-    from bitplan._smooth import MIGRATING, awq_scales, smooth_scales
+    from bitplan._smooth import MIGRATING, migration_scale
 
     quantizer = get_weight_quantizer(option.method)
     if option.method not in MIGRATING:
         return [quantizer.quantize_hessian(w, option.format, stats.h) for w in weights], None
-    if not foldable:
-        s = torch.ones(stats.h.shape[0])
-    elif option.method == "awq":
-        s, _ = awq_scales(weights, [option.format] * len(weights), stats)
-    else:
-        s = smooth_scales(weights, stats, float(getattr(quantizer, "alpha", 0.5)))
+    s = migration_scale(option.method, weights, [option.format] * len(weights), stats) if foldable else torch.ones(stats.h.shape[0])
     hs = stats.h / torch.outer(s, s).double()
     return [quantizer.quantize_hessian(w * s, option.format, hs) for w in weights], s
 
