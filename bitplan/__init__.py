@@ -37,6 +37,9 @@ _EXPORTS = {
     "evaluate": "bitplan.eval",
     "EvalResult": "bitplan.eval",
     "kv_cache_for": "bitplan.kvcache",
+    "save": "bitplan.checkpoint",
+    "load": "bitplan.checkpoint",
+    "set_kernels": "bitplan.checkpoint",
     "profile": "bitplan.sensitivity",
     "SensitivityTable": "bitplan.sensitivity",
     "search_plans": ("bitplan.search", "search"),
@@ -72,6 +75,9 @@ __all__ = [
     "Budgets",
     "SearchConfig",
     "kv_cache_for",
+    "save",
+    "load",
+    "set_kernels",
     "BitplanError",
     "FormatError",
     "PlanError",
@@ -96,6 +102,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from bitplan.apply import apply_plan
+    from bitplan.checkpoint import load, save, set_kernels
     from bitplan.errors import BitplanError, DataError, FormatError, ModelError, PlanError
     from bitplan.eval import EvalResult, evaluate
     from bitplan.formats import ActFormat, KVFormat, WeightFormat

@@ -121,7 +121,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
         calib = load_calib(load_tokenizer(args.model), args.calib, args.calib_tokens, args.calib_window)
     t_load = time.perf_counter()
-    apply_plan(model, plan, kernels=args.kernels, latency=latency, progress=not args.json, calib=calib)
+    saved = None
+    if args.save:  # the checkpoint holds the canonical packed bytes: quantize on the reference kernel, then re-lay
+        from bitplan.checkpoint import save, set_kernels
+
+        apply_plan(model, plan, kernels="reference", progress=not args.json, calib=calib)
+        chosen = save(model, args.save, kernels=args.kernels, latency=latency, tokenizer=_tokenizer_or_none(args.model))
+        set_kernels(model, chosen)
+        saved = str(args.save)
+    else:
+        apply_plan(model, plan, kernels=args.kernels, latency=latency, progress=not args.json, calib=calib)
     t_apply = time.perf_counter()
     plan = model.bitplan_plan
     s = plan.summary()
@@ -134,6 +143,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         "avg_weight_bits": round(s.avg_weight_bits, 4),
         "kv_bytes_per_token": s.kv_bytes_per_token,
         "kernels": kernel_counts(model),
+        "saved": saved,
     }
     if args.eval:
         reference = None if args.no_kl else _load(args)
@@ -150,10 +160,23 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(f"applied {args.plan}: {s}")
         print(f"held weight bytes (16-bit for unpacked tensors): {out['weight_bytes'] / 1e6:.2f} MB (plan: {s.weight_bytes / 1e6:.2f} MB)")
         print("kernels: " + ", ".join(f"{k} x{n}" for k, n in sorted(out["kernels"].items())))
+        if saved:
+            print(f"saved the quantized model to {saved} (load it with bitplan.load)")
         if args.eval:
             kl = "n/a" if out["kl"] is None else f"{out['kl']:.4f}"
             print(f"ppl {out['ppl']:.3f}  KL {kl}  over {out['tokens']} tokens  ({out['seconds']:.1f} s)")
     return 0
+
+
+def _tokenizer_or_none(model: str) -> Any:
+    """The model's tokenizer, saved beside a checkpoint when it has one."""
+    from bitplan.loading import load_tokenizer
+
+    try:
+        return load_tokenizer(model)
+    except BitplanError:
+        logging.getLogger("bitplan").warning("%s has no tokenizer to save with the checkpoint", model)
+        return None
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
@@ -245,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto (fastest kernel holding the plan's bytes, default), fastest, reference, or a kernel name")
     sp.add_argument("--profile", metavar="PARQUET", help="hardware profile: rank kernels by its measured latency")
     sp.add_argument("--allow-foreign-profile", action="store_true", help="use a profile measured on other hardware")
+    sp.add_argument("--save", metavar="DIR", help="write the quantized model (packed safetensors + config + plan + tokenizer) to DIR; "
+                    "bitplan.load(DIR) reloads it with the same kernels")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_apply)
 

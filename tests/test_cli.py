@@ -67,6 +67,22 @@ def test_apply_with_eval_on_tiny_model(tiny_model_path: Path, wikitext_test: Pat
     assert 1.0 < data["ppl"] < 1000 and 0 <= data["kl"] < 0.05  # 8-bit: close to the 16-bit model
 
 
+def test_apply_save_then_load_gives_the_same_ppl(tiny_model_path: Path, wikitext_test: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import bitplan
+
+    plan = tmp_path / "p.json"
+    assert run(capsys, "plan", "uniform", "--model", str(tiny_model_path), "--weights", "w4g32a", "--kv", "k4v2", "-o", str(plan))[0] == 0
+    code, out, _ = run(capsys, "apply", "--model", str(tiny_model_path), "--plan", str(plan), "--save", str(tmp_path / "ck"),
+                       "--eval", str(wikitext_test), "--max-tokens", "1024", "--window", "256", "--no-kl", "--json")  # fmt: skip
+    data = json.loads(out)
+    assert code == 0 and data["saved"] == str(tmp_path / "ck") and "int4pack" in data["kernels"]
+    assert (tmp_path / "ck" / "tokenizer_config.json").is_file()
+    loaded = bitplan.load(tmp_path / "ck")
+    assert bitplan.apply.kernel_counts(loaded) == data["kernels"]
+    r = bitplan.evaluate(loaded, wikitext_test, max_tokens=1024, window=256, tokenizer=bitplan.load_tokenizer(tmp_path / "ck"))
+    assert r.ppl == data["ppl"]
+
+
 def _bad_plans(model_dir: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
     good = tmp_path / "good.json"
     assert main(["plan", "uniform", "--model", str(model_dir), "--weights", "w4g64a", "-o", str(good)]) == 0
