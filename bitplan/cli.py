@@ -168,6 +168,24 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from bitplan.export import export
+    from bitplan.plan import Plan
+
+    plan = Plan.load(args.plan)
+    result = export(plan, args.to, args.output, approximate=args.approximate, kv=not args.no_kv, target=args.target)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    files = [f"{args.output}{suffix}" for suffix in sorted(result.files)]
+    if args.json:
+        _print_json({"format": result.format, "files": files, "notes": list(result.notes), **result.summary})
+    else:
+        print(f"wrote {', '.join(files)} ({result.format}): " + ", ".join(f"{k} {v}" for k, v in result.summary.items() if k != "command"))
+        if "command" in result.summary:
+            print(f"then: {result.summary['command']}")
+    return 0
+
+
 def _tokenizer_or_none(model: str) -> Any:
     """The model's tokenizer, saved beside a checkpoint when it has one."""
     from bitplan.loading import load_tokenizer
@@ -297,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="Parquet table to write (resumes / reuses when it exists)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_sensitivity)
+
+    from bitplan.export import EXPORTERS
+
+    sp = sub.add_parser("export", help="write a plan in a runtime's format: " + ", ".join(EXPORTERS.names()))
+    sp.add_argument("--plan", required=True, help="plan JSON")
+    sp.add_argument("--to", required=True, choices=EXPORTERS.names(), help="compressed-tensors (vLLM), gptqmodel (quantize_config.json), "
+                    "llama.cpp (--tensor-type-file + companion JSON), kv (per-layer K/V bits, .yaml or .json)")
+    sp.add_argument("-o", "--output", required=True, help="file to write (companions go beside it: OUT.json)")
+    sp.add_argument("--approximate", action="store_true", help="map formats the target cannot express to the nearest it can (each noted)")
+    sp.add_argument("--no-kv", action="store_true", help="leave the KV cache out where the target cannot express the plan's (noted)")
+    sp.add_argument("--target", help="gptqmodel: enforce one backend's limits (marlin, torch, triton)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_export)
     from bitplan._cli_profiles import add_profile_parsers
     from bitplan._cli_search import add_search_parser
 

@@ -25,6 +25,7 @@ fake-quant evaluation protocol (score each window with the previous windows in t
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -333,6 +334,10 @@ def kv_geometry(model_or_config: Any) -> tuple[int, int, int]:
 
 
 def _validated(model: Any, formats: Sequence[KVFormat | str] | Any) -> list[KVFormat]:
+    if isinstance(formats, (str, os.PathLike)):  # a KV plan file (bitplan export --to kv) or a plan JSON
+        from bitplan.export import read_kv_formats
+
+        formats = read_kv_formats(formats)
     if hasattr(formats, "kv_formats"):
         formats = formats.kv_formats()
     fmts = [_as_format(f) for f in formats]
@@ -348,7 +353,9 @@ def _validated(model: Any, formats: Sequence[KVFormat | str] | Any) -> list[KVFo
 
 
 def kv_cache_for(model: Any, formats_or_plan: Sequence[KVFormat | str] | Any) -> MixedPrecisionKVCache:
-    """A fresh cache for ``model`` from a list of formats, or any object with a ``kv_formats()`` method."""
+    """A fresh cache for ``model`` from a list of formats, a plan (any object with ``kv_formats()``), or the
+    path of a KV plan file (``bitplan export --to kv``, YAML or JSON) or plan JSON. Pass it to ``generate()`` as
+    ``past_key_values=``."""
     return MixedPrecisionKVCache(_validated(model, formats_or_plan))
 
 

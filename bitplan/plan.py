@@ -8,7 +8,7 @@ Layout of the JSON (schema_version 1)::
 
     {"kind": "bitplan.plan", "schema_version": 1,
      "model": {"name_or_path", "fingerprint", "architecture", "num_layers", "num_kv_heads",
-               "head_dim", "total_params", "tied_embeddings"},
+               "head_dim", "total_params", "tied_embeddings", "layers_path", "head_path"},
      "granularity": "fused" | "tensor",
      "layers": [{"index": 0, "acts": "a16", "kv": "k8v8",
                  "weights": {"self_attn.qkv_proj": {"format": "w4g64a", "method": "rtn", "shape": [960, 576]}, ...}},
@@ -78,6 +78,8 @@ class ModelRef:
     head_dim: int
     total_params: int
     tied_embeddings: bool = False
+    layers_path: str = ""  # the decoder layers' module path ("model.layers"); exporters name modules with it
+    head_path: str = ""  # the output projection's module path ("lm_head", GPT-NeoX "embed_out")
 
     @classmethod
     def from_graph(cls, graph: ModelGraph, name_or_path: str = "") -> ModelRef:
@@ -90,6 +92,8 @@ class ModelRef:
             head_dim=graph.head_dim,
             total_params=graph.total_params,
             tied_embeddings=graph.tied_embeddings,
+            layers_path=graph.layers_path,
+            head_path=graph.lm_head.path if graph.lm_head is not None else "",
         )
 
 
@@ -276,7 +280,10 @@ class Plan:
                 raise PlanError(f"{name}: unknown method {choice.method!r}; registered: {', '.join(WEIGHT_QUANTIZERS.names())}")
             if choice.format.is_quantized and not get_weight_quantizer(choice.method).supports(choice.format):
                 raise PlanError(f"{name}: method {choice.method!r} does not support {choice.format}")
-        return replace(self, layers=tuple(new_layers), shapes=shapes, extra=extra)
+        model = self.model
+        if not model.layers_path:  # a plan saved before module paths were recorded
+            model = replace(model, layers_path=graph.layers_path, head_path=graph.lm_head.path if graph.lm_head else "")
+        return replace(self, model=model, layers=tuple(new_layers), shapes=shapes, extra=extra)
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -298,6 +305,8 @@ class Plan:
                 "head_dim": self.model.head_dim,
                 "total_params": self.model.total_params,
                 "tied_embeddings": self.model.tied_embeddings,
+                **({"layers_path": self.model.layers_path} if self.model.layers_path else {}),
+                **({"head_path": self.model.head_path} if self.model.head_path else {}),
             },
             "granularity": self.granularity,
             "layers": [
@@ -398,6 +407,8 @@ def _parse_plan(data: Any, source: str) -> Plan:
         head_dim=_need(m, "head_dim", int, where),
         total_params=_need(m, "total_params", int, where),
         tied_embeddings=bool(m.get("tied_embeddings", False)),
+        layers_path=m.get("layers_path", "") if isinstance(m.get("layers_path", ""), str) else "",
+        head_path=m.get("head_path", "") if isinstance(m.get("head_path", ""), str) else "",
     )
     gran = data.get("granularity", "fused")
     if gran not in _GRANULARITIES:
