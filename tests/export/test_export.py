@@ -38,6 +38,20 @@ def _assign(plan: Plan, formats: list[str], seed: int = 0, acts: list[str] | Non
     return Plan.from_dict(d)
 
 
+_BLOCK = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def _per_tensor(fused: Plan, model: Any) -> Plan:
+    """``fused``'s formats (and acts / KV) written per tensor: what a fusing runtime can still load."""
+    d = uniform_plan(model, "w4g64", granularity="tensor").to_dict()
+    for layer, src in zip(d["layers"], fused.to_dict()["layers"], strict=True):
+        layer["acts"], layer["kv"] = src["acts"], src["kv"]
+        for local, unit in layer["weights"].items():
+            parent, leaf = local.rsplit(".", 1)
+            unit["format"] = src["weights"][f"{parent}.{_BLOCK.get(leaf, leaf)}"]["format"]
+    return Plan.from_dict(d)
+
+
 def _vllm_names(graph: Any) -> list[tuple[str, list[str]]]:
     """(vLLM module name, its checkpoint shards) for every linear vLLM builds (fused where it fuses)."""
     out = []
@@ -83,17 +97,9 @@ def llama(make_random_lm: Any) -> Any:
 @pytest.mark.parametrize("granularity", ["fused", "tensor"])
 def test_compressed_tensors_round_trip_and_vllm_matching(llama: Any, tmp_path: Path, granularity: str) -> None:
     graph = build_graph(llama)
-    base = uniform_plan(llama, "w4g64a", granularity=granularity)
-    fused = uniform_plan(llama, "w4g64a")  # formats drawn per fused block so shards agree at tensor granularity
-    drawn = _assign(fused, ["w4g64a", "w8c", "w4g128", "fp8", "bf16", "w8ca"], seed=3, acts=["a16", "a8t"])
-    d = base.to_dict()
-    for layer, src in zip(d["layers"], drawn.to_dict()["layers"], strict=True):
-        layer["acts"] = src["acts"]
-        for local, unit in layer["weights"].items():
-            leaf = local.rsplit(".", 1)
-            key = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}.get(leaf[1], leaf[1])
-            unit["format"] = src["weights"][f"{leaf[0]}.{key}"]["format"]
-    plan = Plan.from_dict(d).validate(graph)
+    # formats drawn per fused block, so that shards agree at tensor granularity too
+    plan = _assign(uniform_plan(llama, "w4g64a"), ["w4g64a", "w8c", "w4g128", "fp8", "bf16", "w8ca"], seed=3, acts=["a16", "a8t"])
+    plan = (plan if granularity == "fused" else _per_tensor(plan, llama)).validate(graph)
     result = export(plan, "compressed-tensors", tmp_path / "qc.json")
     config = json.loads((tmp_path / "qc.json").read_text())["quantization_config"]
     _check_vllm_matching(config, graph)
@@ -133,16 +139,7 @@ def test_compressed_tensors_refusals_and_kv(llama: Any, tmp_path: Path) -> None:
 def test_gptqmodel_round_trip_with_both_name_forms(llama: Any, tmp_path: Path, granularity: str) -> None:
     graph = build_graph(llama)
     plan = _assign(uniform_plan(llama, "w4g64", granularity="fused"), ["w4g64", "w4g64", "w3g64a", "w8c", "w2g32", "bf16"], seed=5)
-    if granularity == "tensor":  # the same formats, written per tensor
-        d = uniform_plan(llama, "w4g64", granularity="tensor").to_dict()
-        fused = plan.to_dict()["layers"]
-        for layer, src in zip(d["layers"], fused, strict=True):
-            for local, unit in layer["weights"].items():
-                parent, leaf = local.rsplit(".", 1)
-                key = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}.get(leaf, leaf)
-                unit["format"] = src["weights"][f"{parent}.{key}"]["format"]
-        plan = Plan.from_dict(d)
-    plan = plan.validate(graph)
+    plan = (plan if granularity == "fused" else _per_tensor(plan, llama)).validate(graph)
     export(plan, "gptqmodel", tmp_path / "quantize_config.json")
     config = json.loads((tmp_path / "quantize_config.json").read_text())
     keys = list(config["dynamic"])
@@ -315,16 +312,7 @@ def test_every_export_on_the_main_model(main_model_path: Path, tmp_path: Path, g
     model = _main_meta_model(main_model_path)
     graph = build_graph(model)
     fused = _assign(uniform_plan(model, "w4g64", name_or_path=str(main_model_path)), ["w4g64", "w8c", "w4g32", "bf16"], seed=11)
-    plan = fused
-    if granularity == "tensor":  # the same per-block formats at tensor granularity (what a fusing runtime can load)
-        d = uniform_plan(model, "w4g64", granularity="tensor").to_dict()
-        for layer, src in zip(d["layers"], fused.to_dict()["layers"], strict=True):
-            for local, unit in layer["weights"].items():
-                parent, leaf = local.rsplit(".", 1)
-                key = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}.get(leaf, leaf)
-                unit["format"] = src["weights"][f"{parent}.{key}"]["format"]
-        plan = Plan.from_dict(d)
-    plan = plan.validate(graph)
+    plan = (fused if granularity == "fused" else _per_tensor(fused, model)).validate(graph)
     want = [str(c) for _, c in plan.unit_choices()]
     for to, name in (("compressed-tensors", "qc.json"), ("gptqmodel", "quantize_config.json"), ("kv", "kv.yaml")):
         export(plan, to, tmp_path / name)
