@@ -138,9 +138,15 @@ def profile(
     if "weight" in by_kind:  # calibrated options: quantized once, shared by both scorers
         from bitplan.sensitivity._calibrated import precompute
 
-        todo_units = {k[0] for k in wanted if k[1] == "weight"} - {k[0] for k in done}
-        work = [(u, candidates.weight_options(u.in_features)) for u in graph.units(granularity) if u.name in todo_units]
-        calibrated = precompute(model, graph, calib, work, progress=progress)
+        # Fisher scores every option of every unit whenever any Fisher row is missing (one pass), so it needs
+        # them all; measured KL only those of options with a missing row (a resumed or extended run).
+        fisher_pass = "weight" in by_kind and "fisher" in by_kind["weight"] and any(k[4] == "fisher" and k not in done for k in wanted)
+
+        def missing(unit: str, opt: Any) -> bool:
+            return fisher_pass or any((unit, "weight", str(opt.format), opt.method, m) not in done for m in by_kind["weight"])
+
+        work = [(u, [o for o in candidates.weight_options(u.in_features) if missing(u.name, o)]) for u in graph.units(granularity)]
+        calibrated = precompute(model, graph, calib, [(u, opts) for u, opts in work if opts], progress=progress)
         if calibrated.entries:
             timings["calibrated_seconds"] = calibrated.seconds
     fisher_kinds = tuple(k for k, ms in by_kind.items() if "fisher" in ms and k != "head")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from bitplan.sensitivity import CalibData, Candidates, profile
+from bitplan.graph import build_graph
+from bitplan.sensitivity import CalibData, Candidates, parse_weight_option, profile
 from bitplan.sensitivity import _calibrated as calibrated_mod
 
 from ..test_smooth import _loud
@@ -75,3 +77,46 @@ def test_calibrated_rows_match_apply_for_a_fused_unit(model: Any, calib: CalibDa
     for member, w in zip(unit.members, ours, strict=True):
         applied = q.get_submodule(member.path).dequantize_weight() / norm_ratio  # undo the folded scale
         torch.testing.assert_close(applied, w, rtol=1e-4, atol=1e-5)
+
+
+def test_resumed_and_extended_runs_quantize_the_calibrated_options_they_still_score(
+    model: Any, calib: CalibData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed during KL (Fisher rows on disk) and a table extended with a calibrated option both need the
+    calibrated weights of the options they still score -- and only those."""
+    from bitplan.sensitivity import _measure as measure_mod
+
+    out = tmp_path / "sens.parquet"
+    cands = Candidates(weights=(parse_weight_option("w4g32a"), parse_weight_option("w3g32a@gptq")), acts=(), kv=())
+    real = measure_mod.measured_scores
+
+    def crash_after_one_group(*args: Any, on_rows: Any = None, **kw: Any) -> Any:
+        def persist(rows: Any) -> None:
+            on_rows(rows)
+            raise KeyboardInterrupt  # stands in for SIGKILL: Fisher's and this group's rows are on disk
+
+        return real(*args, on_rows=persist, **kw)
+
+    monkeypatch.setattr(measure_mod, "measured_scores", crash_after_one_group)
+    with pytest.raises(KeyboardInterrupt):
+        profile(model, calib, cands, method="both", kinds=("weight",), output=out, dtype=torch.float32, progress=False)
+    monkeypatch.setattr(measure_mod, "measured_scores", real)
+    counted: list[str] = []
+    real_q = calibrated_mod.quantize_option
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        counted.append("x")
+        return real_q(*args, **kwargs)
+
+    monkeypatch.setattr(calibrated_mod, "quantize_option", counting)
+    resumed = profile(model, calib, cands, method="both", kinds=("weight",), output=out, dtype=torch.float32, progress=False)
+    fresh = profile(model, calib, cands, method="both", kinds=("weight",), dtype=torch.float32, progress=False)
+    assert sorted(r.key for r in resumed.rows) == sorted(r.key for r in fresh.rows)
+    n_units = len(build_graph(model).units())
+    assert 0 < len(counted) - n_units < n_units  # the resumed run re-quantized only the units KL still needed
+    # extending a finished table with a calibrated option
+    out2 = tmp_path / "ext.parquet"
+    small = Candidates(weights=(parse_weight_option("w4g32a"),), acts=(), kv=())
+    profile(model, calib, small, method="kl", kinds=("weight",), output=out2, dtype=torch.float32, progress=False)
+    extended = profile(model, calib, cands, method="kl", kinds=("weight",), output=out2, dtype=torch.float32, progress=False)
+    assert {r.quantizer for r in extended.rows} == {"rtn", "gptq"}
