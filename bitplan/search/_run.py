@@ -29,7 +29,7 @@ import optuna
 import torch
 from torch import nn
 
-from bitplan._io import atomic_write_text
+from bitplan._io import atomic_write_text, pid_alive
 from bitplan.errors import BitplanError
 from bitplan.graph import build_graph
 from bitplan.search._budgets import Budgets
@@ -112,16 +112,6 @@ class SearchResult:
     stage_seconds: dict[str, float]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def _run_lock(run_dir: Path, study: optuna.Study, own_storage: bool) -> Iterator[None]:
     """One search per run directory at a time; trials a killed run left RUNNING are failed at once.
@@ -137,7 +127,7 @@ def _run_lock(run_dir: Path, study: optuna.Study, own_storage: bool) -> Iterator
         except (OSError, ValueError):
             info = {}
         pid, host = int(info.get("pid", -1)), str(info.get("host", ""))
-        if host == socket.gethostname() and pid > 0 and pid != os.getpid() and _pid_alive(pid):
+        if host == socket.gethostname() and pid > 0 and pid != os.getpid() and pid_alive(pid):
             raise BitplanError(f"another bitplan search (pid {pid}) is running in {run_dir}; wait for it or use another -o")
         if own_storage:
             running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
@@ -200,7 +190,7 @@ def search(
     """
     from bitplan.search._knapsack import check_feasible, seed_choices
     from bitplan.search._report import write_outputs
-    from bitplan.search._study import enqueue_seeds, front, open_study, run_study
+    from bitplan.search._study import front, open_study, record_seeds, run_study
 
     config = config or SearchConfig()
     run_dir = Path(run_dir)
@@ -228,7 +218,7 @@ def search(
     t = time.perf_counter()
     study = open_study(config.storage, run_dir, space, study_name=config.study_name, sampler=config.sampler,
                        seed=config.seed, budgets=config.budgets, latency=latency)  # fmt: skip
-    enqueue_seeds(study, space, seeds)
+    record_seeds(study, space, seeds)
     with _run_lock(run_dir, study, own_storage=config.storage is None):
         run_study(study, space, latency, config.budgets, n_trials=config.trials, timeout=config.timeout,
                   workers=config.workers, progress=progress, sampler_name=config.sampler, seed=config.seed)  # fmt: skip

@@ -19,29 +19,33 @@ samplers call ``constraints_func``, which copies the list into system attr ``con
 keeps the list in user attr ``constraints``; :func:`trial_constraints` reads any of the three.
 
 Storage and resume: ``sqlite:///<run dir>/study.db`` by default; a database URL or a journal file work
-too. ``n_trials`` is a *target* of finished (complete, pruned, failed) trials: the same command again
-continues up to it and adds nothing once there. The study records what it was made for (space signature,
+too. ``n_trials`` is a *target* of complete (or pruned) trials: the same command again continues up to it
+and adds nothing once there. A failed trial -- the one a killed process was running -- does not count; the
+sampler proposes its plan again (:mod:`bitplan.search._sampler`), so a resumed search ends with the same
+trials and front as one never interrupted. The study records what it was made for (space signature,
 budgets, cost model) and refuses to continue with anything else, which would mix incomparable trials.
 
 Heartbeat: on databases a running trial beats every 30 s. When its process is killed the beat stops; after
 the grace period (90 s) the next run, or a live worker, marks it FAIL and re-queues its parameters (at most
-twice). Journal files have no heartbeat: a trial a killed run left RUNNING stays so and is not counted.
+twice). Journal files have no heartbeat: a trial another machine's killed run left RUNNING stays so (it is not
+counted). Processes this search spawned or this machine ran are known by pid: their trials are failed at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import multiprocessing
+import os
 import pickle
+import socket
 import sys
 import tempfile
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,25 +57,26 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from bitplan._io import pid_alive
 from bitplan.errors import BitplanError
 from bitplan.search._budgets import Budgets
 from bitplan.search._cost import LatencyTable
+from bitplan.search._sampler import SAMPLERS, SEED_PLANS_ATTR, WORKER_ATTR, make_sampler
 from bitplan.search._space import SearchSpace
 
 __all__ = [
-    "FINISHED", "METRIC_NAMES", "SAMPLERS", "bind_study", "constraint_limits", "enqueue_seeds", "front",
+    "COUNTED", "FINISHED", "METRIC_NAMES", "SAMPLERS", "bind_study", "constraint_limits", "record_seeds", "front",
     "is_feasible", "make_sampler", "open_study", "resolve_storage", "run_study", "space_signature",
     "trial_constraints", "trials_frame",
 ]  # fmt: skip
 
 _log = logging.getLogger("bitplan")
 METRIC_NAMES = ["quality_loss", "memory_bytes", "latency_ms"]
-SAMPLERS = ("nsga2", "nsga3", "tpe", "gp", "random")
 CONSTRAINT_ORDER = ("avg_weight_bits", "memory_bytes", "avg_kv_bits", "latency_ms")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts: a failed (killed) trial is redone
 TRIALS_KIND, TRIALS_SCHEMA_VERSION = "bitplan.trials", 1
 _HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5
-_OPTUNA = tuple(int(p) for p in optuna.__version__.split(".")[:2])
 
 
 # ----------------------------------------------------------------------------------- constraints
@@ -80,11 +85,6 @@ def constraint_limits(budgets: Budgets, latency: LatencyTable) -> dict[str, floa
     limits = {"avg_weight_bits": budgets.max_avg_bits, "memory_bytes": budgets.max_memory,
               "avg_kv_bits": budgets.max_kv_bits, "latency_ms": budgets.latency_limit(latency.reference())}  # fmt: skip
     return {k: v for k, v in limits.items() if v is not None}
-
-
-def _constraints_func(frozen: FrozenTrial) -> list[float]:
-    """Optuna 4's way in: samplers call it after each trial (module level, so samplers pickle)."""
-    return list(frozen.user_attrs.get("constraints", []))
 
 
 def trial_constraints(frozen: FrozenTrial) -> list[float] | None:
@@ -130,40 +130,6 @@ class _Objective:
             for name, c in zip(self.limits, cons, strict=True):
                 trial.set_constraint(name, c)  # type: ignore[attr-defined,unused-ignore]
         return m.quality, m.memory_bytes, ms
-
-
-# ---------------------------------------------------------------------------------- samplers
-def _build(cls: Callable[..., optuna.samplers.BaseSampler], **kw: Any) -> optuna.samplers.BaseSampler:
-    """``cls(**kw)``, plus ``constraints_func`` where Optuna 4 needs it (Optuna 5 reads set_constraint)."""
-    if not _HAS_SET_CONSTRAINT and "constraints_func" in inspect.signature(cls).parameters:
-        kw["constraints_func"] = _constraints_func
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return cls(**kw)
-
-
-def make_sampler(name: str, seed: int | None, n_decisions: int) -> optuna.samplers.BaseSampler:
-    """A sampler by name (:data:`SAMPLERS`); evolutionary populations are 50, fewer for tiny spaces."""
-    population = max(20, min(50, n_decisions // 4))
-    if name == "nsga2":
-        return _build(optuna.samplers.NSGAIISampler, population_size=population, seed=seed)
-    if name == "nsga3":  # Das-Dennis reference points on the 3-objective simplex, about one per individual
-        h = max(h for h in range(1, 20) if (h + 1) * (h + 2) // 2 <= population)
-        return _build(optuna.samplers.NSGAIIISampler, population_size=population, seed=seed, dividing_parameter=h)
-    if name == "tpe":
-        return _build(optuna.samplers.TPESampler, seed=seed, multivariate=True)
-    if name == "gp":
-        if _OPTUNA < (4, 4):
-            raise BitplanError(f"--sampler gp needs Optuna >= 4.4 for three objectives, have {optuna.__version__}")
-        try:
-            import scipy  # noqa: F401
-            import torch  # noqa: F401
-        except ImportError as e:
-            raise BitplanError(f"--sampler gp needs torch and scipy ({e})") from None
-        return _build(optuna.samplers.GPSampler, seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise BitplanError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 # ----------------------------------------------------------------------------------- storage
@@ -311,15 +277,23 @@ def bind_study(
             raise BitplanError(f"the study in {where} was made for {old}; use a new -o or --study-name")
 
 
-def enqueue_seeds(study: optuna.Study, space: SearchSpace, seeds: Sequence[tuple[str, list[int]]]) -> int:
-    """Queue the seed plans (once per study) to run first, with their label as origin; returns how many."""
+def record_seeds(study: optuna.Study, space: SearchSpace, seeds: Sequence[tuple[str, list[int]]]) -> int:
+    """Store the seed plans (once per study) for the sampler to run first, with their label as origin;
+    returns how many are new. An identical plan twice runs once, under the first label. The stored list, not a
+    recomputed one, is what a resumed run uses (see :mod:`bitplan.search._sampler`)."""
     bind_study(study, space)
-    if study.user_attrs.get("seeded"):
+    if SEED_PLANS_ATTR in study.user_attrs or study.user_attrs.get("seeded"):  # "seeded": queued by bitplan < 0.2
         return 0
-    for label, idx in seeds:  # an identical plan queued twice runs once, under the first label
-        study.enqueue_trial(space.labels(idx), user_attrs={"origin": label}, skip_if_exists=True)
-    study.set_user_attr("seeded", True)
-    return len(seeds)
+    plans: list[list[Any]] = []
+    seen: set[str] = set()
+    for label, idx in seeds:
+        params = space.labels(idx)
+        key = json.dumps(params, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            plans.append([label, params])
+    study.set_user_attr(SEED_PLANS_ATTR, plans)
+    return len(plans)
 
 
 # ------------------------------------------------------------------------------------- running
@@ -337,7 +311,7 @@ class _Progress:
         self.bar = tqdm(total=total, file=sys.stderr, disable=not enabled, unit="trial", dynamic_ncols=True)
 
     def add(self, trials: Sequence[FrozenTrial]) -> None:
-        new = [t for t in trials if t.state in FINISHED and t.number not in self.seen]
+        new = [t for t in trials if t.state in COUNTED and t.number not in self.seen]
         for t in new:
             self.seen.add(t.number)
             if is_feasible(t):
@@ -366,16 +340,39 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(before)
 
 
-def _worker(args_file: str) -> None:
-    """One parallel process: open the same study and run its share of the trials."""
+def fail_orphaned(study: optuna.Study, owners: set[str]) -> int:
+    """Fail the RUNNING trials of processes known to be dead (``"host:pid"``); returns how many.
+
+    A killed process's trial otherwise waits out the heartbeat grace period (databases) or forever (journal
+    files). Its plan is not lost: the sampler proposes it again at the same ordinal (see ``_sampler``)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    dead = [t for t in running if t.system_attrs.get(WORKER_ATTR) in owners]
+    for t in dead:
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(dead)
+
+
+class _Stamp:
+    """Stops a worker whose parent has died, so a killed search leaves no orphans running trials."""
+
+    def __init__(self, parent: int) -> None:
+        self.parent = parent
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if not pid_alive(self.parent):
+            study.stop()
+
+
+def _worker(args_file: str, parent: int) -> None:
+    """One parallel process: open the same study and run trials until the study reaches its target."""
     with open(args_file, "rb") as f:
         opened, space, latency, budgets, target, quota, timeout = pickle.load(f)
     study = open_study(opened.storage, Path("."), space, study_name=opened.study_name,
                        sampler=opened.sampler or "nsga2", seed=opened.seed, budgets=budgets, latency=latency,
                        heartbeat_interval=opened.heartbeat_interval, grace_period=opened.grace_period)  # fmt: skip
     with _quiet_optuna():
-        study.optimize(_Objective(space, latency, constraint_limits(budgets, latency)), n_trials=quota,
-                       timeout=timeout, callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED)])  # fmt: skip
+        study.optimize(_Objective(space, latency, constraint_limits(budgets, latency)), n_trials=quota, timeout=timeout,
+                       callbacks=[optuna.study.MaxTrialsCallback(target, states=COUNTED), _Stamp(parent)])  # fmt: skip
 
 
 def run_study(
@@ -391,13 +388,15 @@ def run_study(
     sampler_name: str | None = None,
     seed: int | None = None,
 ) -> None:
-    """Run until the study has ``n_trials`` finished trials (a target: a rerun continues, never restarts).
+    """Run until the study has ``n_trials`` complete trials (a target: a rerun continues, never restarts;
+    a failed trial -- a killed process's -- does not count and its plan is proposed again).
 
     ``workers > 1`` spawns that many processes on the storage :func:`open_study` opened (not ``:memory:``),
-    each with sampler ``sampler_name`` (default: the name the study was opened with) seeded ``seed + 1 + i``.
-    They split the remaining trials exactly; a stop callback guards against overshoot by concurrent runs.
-    A trial is ~200 storage writes and microseconds of arithmetic, so workers pay off on a database server;
-    on SQLite they queue for its one write lock.
+    each with sampler ``sampler_name`` (default: the name the study was opened with) and ``seed``; the trial
+    ordinal keeps their proposals apart. They split the remaining trials; a stop callback guards against
+    overshoot. A worker that dies (killed, out of memory) has its running trial failed at once and its share
+    rerun by fresh workers, up to three rounds. A trial is ~200 storage writes and microseconds of arithmetic,
+    so workers pay off on a database server; on SQLite they queue for its one write lock.
     """
     if n_trials < 1 or workers < 1:
         raise BitplanError(f"--trials and --workers must be at least 1, got {n_trials} and {workers}")
@@ -408,32 +407,30 @@ def run_study(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # RUNNING trials of a killed run (heartbeat storages only)
-    done = study.get_trials(deepcopy=False, states=FINISHED)
+    done = study.get_trials(deepcopy=False, states=COUNTED)
     remaining = n_trials - len(done)
     if remaining <= 0:
-        _log.info("the study already has %d finished trials (target %d): nothing to run", len(done), n_trials)
+        _log.info("the study already has %d complete trials (target %d): nothing to run", len(done), n_trials)
         return
     bar = _Progress(n_trials, progress)
     bar.add(done)
     try:
         with _quiet_optuna():
             if workers == 1:
-                stop = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
+                stop = optuna.study.MaxTrialsCallback(n_trials, states=COUNTED)
                 study.optimize(_Objective(space, latency_table, constraint_limits(budgets, latency_table)),
                                n_trials=remaining, timeout=timeout, callbacks=[stop, bar])  # fmt: skip
             else:
                 assert opened is not None
-                seed = seed if seed is not None else opened.seed
-                each = replace(opened, sampler=sampler_name or opened.sampler or "nsga2")
-                quotas = [remaining // workers + (i < remaining % workers) for i in range(workers)]
-                args = [(replace(each, seed=None if seed is None else seed + 1 + i), space, latency_table,
-                         budgets, n_trials, q, timeout) for i, q in enumerate(quotas) if q > 0]  # fmt: skip
-                _run_workers(study, args, bar)
+                each = replace(opened, sampler=sampler_name or opened.sampler or "nsga2",
+                               seed=seed if seed is not None else opened.seed)  # fmt: skip
+                _run_workers(study, each, (space, latency_table, budgets), n_trials, workers, timeout, bar)
     finally:
         bar.bar.close()
 
 
-def _run_workers(study: optuna.Study, args: list[tuple[Any, ...]], bar: _Progress) -> None:
+def _run_workers(study: optuna.Study, opened: _Opened, setup: tuple[Any, ...], target: int, workers: int,
+                 timeout: float | None, bar: _Progress) -> None:  # fmt: skip
     """Spawned processes (fork would copy database connections and threads); the parent moves the bar.
 
     Each worker's inputs go through a pickle file, not the spawn pipe: CPython writes a process's arguments
@@ -441,30 +438,49 @@ def _run_workers(study: optuna.Study, args: list[tuple[Any, ...]], bar: _Progres
     ``__main__``) would leave the parent blocked on a full pipe.
     """
     ctx = multiprocessing.get_context("spawn")
-    files = []
-    for a in args:
-        with tempfile.NamedTemporaryFile("wb", prefix="bitplan-worker-", suffix=".pkl", delete=False) as f:
-            pickle.dump(a, f)
-            files.append(f.name)
-    procs = [ctx.Process(target=_worker, args=(f,), name=f"bitplan-search-{i}") for i, f in enumerate(files)]
-    try:
-        for p in procs:
-            p.start()
-        while alive := [p for p in procs if p.is_alive()]:
-            alive[0].join(timeout=2.0)
-            bar.add(study.get_trials(deepcopy=False, states=FINISHED))
-    finally:
-        for p in procs:
-            if p.pid is not None:
-                p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-        for name in files:
-            Path(name).unlink(missing_ok=True)
-    bar.add(study.get_trials(deepcopy=False, states=FINISHED))
-    bad = [f"{p.name} (exit code {p.exitcode})" for p in procs if p.exitcode != 0]
-    if bad:
-        raise BitplanError(f"search worker(s) failed: {', '.join(bad)}; run the same command again to continue")
+    host = socket.gethostname()
+    died: list[str] = []
+    for _round in range(3):
+        remaining = target - len(study.get_trials(deepcopy=False, states=COUNTED))
+        if remaining <= 0:
+            break
+        n = min(workers, remaining)
+        quotas = [remaining // n + (i < remaining % n) for i in range(n)]
+        files = []
+        for q in quotas:
+            with tempfile.NamedTemporaryFile("wb", prefix="bitplan-worker-", suffix=".pkl", delete=False) as f:
+                pickle.dump((opened, *setup, target, q, timeout), f)
+                files.append(f.name)
+        procs = [ctx.Process(target=_worker, args=(f, os.getpid()), name=f"bitplan-search-{i}", daemon=True)
+                 for i, f in enumerate(files)]  # fmt: skip
+        try:
+            for p in procs:
+                p.start()
+            while alive := [p for p in procs if p.is_alive()]:
+                alive[0].join(timeout=1.0)
+                bar.add(study.get_trials(deepcopy=False, states=COUNTED))
+                dead = {f"{host}:{p.pid}" for p in procs if not p.is_alive() and p.exitcode != 0}
+                if dead:
+                    fail_orphaned(study, dead)
+        finally:
+            for p in procs:
+                if p.pid is not None:
+                    p.join(timeout=30)
+                if p.is_alive():
+                    p.terminate()
+            for name in files:
+                Path(name).unlink(missing_ok=True)
+        bad = [p for p in procs if p.exitcode != 0]
+        fail_orphaned(study, {f"{host}:{p.pid}" for p in bad})
+        died += [f"{p.name} (exit code {p.exitcode})" for p in bad]
+        if bad:
+            _log.warning("search worker(s) died: %s; their running trials are failed and their share is rerun",
+                         ", ".join(f"{p.name} (exit code {p.exitcode})" for p in bad))  # fmt: skip
+        if not bad:
+            break
+    bar.add(study.get_trials(deepcopy=False, states=COUNTED))
+    if len(study.get_trials(deepcopy=False, states=COUNTED)) < target and died:
+        raise BitplanError(f"search worker(s) failed: {', '.join(died)}; run the same command again to continue")
 
 
 # ------------------------------------------------------------------------------------- results

@@ -21,13 +21,13 @@ from bitplan.search._budgets import Budgets
 from bitplan.search._cost import BytesCostModel, LatencyTable
 from bitplan.search._space import SearchSpace
 from bitplan.search._study import (
-    FINISHED,
+    COUNTED,
     SAMPLERS,
-    enqueue_seeds,
     front,
     is_feasible,
     make_sampler,
     open_study,
+    record_seeds,
     resolve_storage,
     run_study,
     trial_constraints,
@@ -79,15 +79,15 @@ def _run(study: optuna.Study, setup: Any, n: int, **kw: Any) -> None:
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return study.get_trials(deepcopy=False, states=FINISHED)
+    return study.get_trials(deepcopy=False, states=COUNTED)
 
 
 def test_seeds_run_first_and_keep_their_origin(setup: Any, tmp_path: Path) -> None:
     space = setup[0]
     seeds = [("knapsack-w4", space.uniform(weight="w4g64a", kv="k4v4")), ("all-16bit", [0] * len(space.decisions))]
     study = _open(setup, None, tmp_path)
-    assert enqueue_seeds(study, space, seeds) == 2
-    assert enqueue_seeds(study, space, seeds) == 0  # once per study
+    assert record_seeds(study, space, seeds) == 2
+    assert record_seeds(study, space, seeds) == 0  # once per study
     _run(study, setup, 8)
     trials = study.get_trials()
     assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
@@ -205,7 +205,7 @@ def test_two_workers_on_sqlite_finish_exactly_the_target(setup: Any, tmp_path: P
     assert pickle.loads(pickle.dumps(space)).graph == space.graph  # what the spawned workers receive
     assert pickle.loads(pickle.dumps(latency)).reference() == latency.reference()
     study = _open(setup, None, tmp_path, sampler=make_sampler("nsga2", 3, len(space.decisions)))  # as search() does
-    enqueue_seeds(study, space, [("all-16bit", [0] * len(space.decisions))])
+    record_seeds(study, space, [("all-16bit", [0] * len(space.decisions))])
     _run(study, setup, 40, workers=2, sampler_name="nsga2", seed=3)
     trials = study.get_trials()
     assert len(trials) == 40 and all(t.state == TrialState.COMPLETE for t in trials)
@@ -233,7 +233,7 @@ def test_a_trial_left_running_by_a_crash_is_failed_and_retried(setup: Any, tmp_p
 def test_trials_frame_columns_and_metadata(setup: Any) -> None:
     space = setup[0]
     study = _open(setup, ":memory:", Path("."), sampler="random")
-    enqueue_seeds(study, space, [("all-16bit", [0] * len(space.decisions))])
+    record_seeds(study, space, [("all-16bit", [0] * len(space.decisions))])
     _run(study, setup, 5)
     study.set_user_attr("verify:1", {"verify_kl": 0.25})  # where bitplan.search._verify records measurements
     table = trials_frame(study)
@@ -268,3 +268,37 @@ def test_every_sampler_runs_with_constraints(setup: Any, name: str) -> None:
 def test_make_sampler_names() -> None:
     with pytest.raises(BitplanError, match="unknown sampler 'cma'; choose one of nsga2, nsga3, tpe, gp, random"):
         make_sampler("cma", 0, 10)
+
+
+def _complete_params(study: optuna.Study) -> list[dict[str, Any]]:
+    return [t.params for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "random"])
+def test_a_resumed_study_proposes_what_an_uninterrupted_one_does(setup: Any, tmp_path: Path, sampler: str) -> None:
+    """Killed twice -- once inside the seed plans, once among sampled trials -- and resumed in fresh samplers, the
+    study completes the same trials in the same order, and so the same front, as one that ran straight through."""
+    space = setup[0]
+    seeds = [("knapsack-w4", space.uniform(weight="w4g64a", kv="k4v4")), ("all-16bit", [0] * len(space.decisions)),
+             ("knapsack-w3", space.uniform(weight="w3g64a", kv="k4v4"))]  # fmt: skip
+
+    def fresh(run_dir: Path) -> optuna.Study:  # a new process: a new sampler object seeded from --seed
+        study = _open(setup, None, run_dir, sampler=make_sampler(sampler, 7, len(space.decisions)))
+        record_seeds(study, space, seeds)
+        return study
+
+    straight = fresh(tmp_path / "a")
+    _run(straight, setup, 70)
+    resumed = fresh(tmp_path / "b")
+    for stop in (1, 33):  # 1: the second seed plan is running when the process dies
+        _run(resumed, setup, stop)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            killed = resumed.ask()  # it proposed (and wrote) its plan, then the process was killed
+        resumed._storage.set_trial_state_values(killed._trial_id, TrialState.FAIL)  # what the next run does first
+        resumed = fresh(tmp_path / "b")
+    _run(resumed, setup, 70)
+    assert len(resumed.get_trials(states=(TrialState.FAIL,))) == 2
+    assert _complete_params(resumed) == _complete_params(straight)
+    assert [t.user_attrs["origin"] for t in resumed.get_trials(states=(TrialState.COMPLETE,))][:3] == [s[0] for s in seeds]
+    assert [t.params for t in front(resumed)] == [t.params for t in front(straight)]
