@@ -6,9 +6,10 @@ checkout. Random models come from ``tests/_models.py`` (importable outside fixtu
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 # sys.path, not tests/, so tests.kernels cannot shadow an installed ``kernels`` (transformers imports one).
 from tests._models import ARCHS
 from tests._models import make_random_lm as _make_random_lm
+from tests._postgres import Unavailable, postgres_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
@@ -88,3 +90,15 @@ def make_random_lm() -> Callable[..., Any]:
 @pytest.fixture(scope="session")
 def random_archs() -> tuple[str, ...]:
     return ARCHS
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A SQLAlchemy URL of an empty database on a throwaway PostgreSQL server (see ``tests/_postgres.py``)."""
+    try:
+        with postgres_server() as url:
+            yield url
+    except Unavailable as e:
+        if os.environ.get("BITPLAN_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"BITPLAN_REQUIRE_POSTGRES=1 but {e}")
+        pytest.skip(str(e))

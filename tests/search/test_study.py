@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import pickle
 import time
 import warnings
@@ -302,3 +304,55 @@ def test_a_resumed_study_proposes_what_an_uninterrupted_one_does(setup: Any, tmp
     assert _complete_params(resumed) == _complete_params(straight)
     assert [t.user_attrs["origin"] for t in resumed.get_trials(states=(TrialState.COMPLETE,))][:3] == [s[0] for s in seeds]
     assert [t.params for t in front(resumed)] == [t.params for t in front(straight)]
+
+
+def _storage_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if kind == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return str(tmp_path / ("study.db" if kind == "sqlite" else "study.jsonl"))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
+def test_three_workers_one_killed_mid_trial_the_study_completes(
+    setup: Any, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """3 worker processes on one study; one is SIGKILLed while it runs a trial. The study still reaches its target,
+    nothing is left running or waiting, and the only failed trial is the killed worker's."""
+    import signal
+    import threading
+
+    space = setup[0]
+    url = _storage_url(kind, tmp_path, request)
+    study = _open(setup, url, tmp_path, sampler=make_sampler("nsga2", 0, len(space.decisions)), study_name=f"workers-{kind}")
+    record_seeds(study, space, [("all-16bit", [0] * len(space.decisions))])
+    errors: list[BaseException] = []
+
+    def go() -> None:
+        try:
+            _run(study, setup, 90, workers=3)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    runner = threading.Thread(target=go)
+    runner.start()
+    victim = killed_trial = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline and runner.is_alive():
+        children = {p.pid for p in multiprocessing.active_children() if p.name.startswith("bitplan-search-")}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = str(t.system_attrs.get("worker", ":")).rsplit(":", 1)[1]
+            if owner.isdigit() and int(owner) in children and len(_finished(study)) >= 5:
+                os.kill(int(owner), signal.SIGKILL)
+                victim, killed_trial = int(owner), t.number
+                break
+        time.sleep(0.01)
+    runner.join(timeout=300)
+    assert not runner.is_alive() and not errors, errors
+    assert victim is not None, "no worker was caught running a trial"
+    trials = study.get_trials(deepcopy=False)
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 90
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all(t.system_attrs.get("worker", "").endswith(f":{victim}") for t in failed)
+    assert trials[killed_trial].state in (TrialState.FAIL, TrialState.COMPLETE)  # COMPLETE only if it won the race
+    assert len({t.system_attrs["worker"] for t in trials}) >= 4  # 3 workers, then a replacement for the killed one
