@@ -54,7 +54,8 @@ def add_search_parser(sub: Any) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--sampler", default="nsga2", help="nsga2 (default), nsga3, tpe, gp, random")
     g.add_argument("--workers", type=int, default=1, help="processes optimising the one study")
-    g.add_argument("--storage", help="Optuna storage URL (default: sqlite file in the run directory) or journal file")
+    g.add_argument("--storage", help="Optuna storage: a database URL (postgresql://user@host/db; default: sqlite file in the run directory), "
+                   "grpc://HOST:PORT (Optuna's storage proxy) or a journal file (study.jsonl)")
     g.add_argument("--study-name", default="bitplan")
     g.add_argument("--verify-top", type=int, default=8, help="front plans to verify on the model (default 8)")
     g.add_argument("--verify-latency", choices=["auto", "on", "off"], default="auto",

@@ -166,6 +166,17 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 def _make_storage(url: str, heartbeat_interval: int, grace_period: int) -> optuna.storages.BaseStorage:
     if url == ":memory:":
         return optuna.storages.InMemoryStorage()
+    if url.startswith("grpc://"):  # Optuna's storage proxy (optuna.storages.run_grpc_proxy_server) in front of a database
+        host, _, port = url.removeprefix("grpc://").rstrip("/").rpartition(":")
+        proxy = getattr(optuna.storages, "GrpcStorageProxy", None)
+        if proxy is None or not port.isdigit():
+            raise BitplanError(f"--storage {url}: needs Optuna >= 4.2 and grpc://HOST:PORT")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return proxy(host=host or "localhost", port=int(port))
+        except Exception as e:  # grpcio missing, unreachable
+            raise BitplanError(f"cannot open the study storage {url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
