@@ -130,8 +130,12 @@ def apply_plan(
 
 def calibrated_units(plan: Plan) -> dict[str, str]:
     """``{unit: method}`` of the plan's quantized units whose method needs calibration data (gptq, awq, smoothquant)."""
-    from bitplan.quantizers import get_weight_quantizer
+    from bitplan.errors import PlanError
+    from bitplan.quantizers import WEIGHT_QUANTIZERS, get_weight_quantizer
 
+    for name, c in plan.unit_choices():
+        if c.method not in WEIGHT_QUANTIZERS:
+            raise PlanError(f"{name}: unknown method {c.method!r}; registered: {', '.join(WEIGHT_QUANTIZERS.names())}")
     return {n: c.method for n, c in plan.unit_choices()
             if c.format.is_quantized and get_weight_quantizer(c.method).needs_calibration}  # fmt: skip
 

@@ -370,7 +370,7 @@ def _parse_choice(raw: Any, where: str) -> tuple[UnitChoice, tuple[int, int] | N
         raise PlanError(f"{where}: expected a format string or an object with 'format', got {type(raw).__name__}")
     unknown = set(raw) - {"format", "method", "shape"}
     if unknown:
-        raise PlanError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise PlanError(f"{where}: unknown key(s) {', '.join(repr(k) for k in sorted(unknown))}")
     fmt_text = _need(raw, "format", str, where)
     method = raw.get("method", DEFAULT_METHOD)
     if not isinstance(method, str) or not method:

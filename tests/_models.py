@@ -87,3 +87,27 @@ def make_random_lm(arch: str, *, seed: int = 0, **overrides: Any) -> PreTrainedM
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+def save_random_lm_with_tokenizer(path: Any, arch: str = "llama", *, vocab: int = 320, seed: int = 0, **overrides: Any) -> Any:
+    """A random ``arch`` LM saved with a byte-level BPE tokenizer trained here (no download, no ../shared):
+    a directory every ``bitplan`` command takes as ``--model``. Returns the path."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    words = "the of and to in a is was for on as with by at from his that it an were are which this be".split()
+    rng = __import__("random").Random(seed)
+    text = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(50)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    make_random_lm(arch, seed=seed, vocab_size=vocab, bos_token_id=1, eos_token_id=2, **overrides).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
