@@ -53,6 +53,7 @@ def main() -> None:
                     help="more options, profiled into a second table with the same calibration tokens and merged")
     ap.add_argument("--budgets", default="3,3.5,4,4.5")
     ap.add_argument("--uniform", default="w3g64a@gptq,w4g64a@gptq", help="uniform plans to score too ('' for none)")
+    ap.add_argument("--runs", default="cal,free", help="which searches per budget: cal (every option), free (calibration-free only)")
     ap.add_argument("--trials", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--section", default="mixed")
@@ -92,10 +93,14 @@ def main() -> None:
                              progress=False)
         return r.ppl, float(r.kl or 0.0), apply_s
 
-    free = tuple(o for o in options if not o.endswith("@gptq"))
+    from bitplan.quantizers import get_weight_quantizer
+
+    free = tuple(o for o in options if not get_weight_quantizer(o.partition("@")[2] or "rtn").needs_calibration)
+    runs = [(label, w) for key, label, w in (("cal", "with calibration", tuple(options)), ("free", "calibration-free", free))
+            if key in args.runs.split(",")]  # fmt: skip
     rows = []
     for budget in (float(b) for b in args.budgets.split(",")):
-        for label, weights in (("with calibration", tuple(options)), ("calibration-free", free)):
+        for label, weights in runs:
             tag = f"{args.trials}-{budget}-{'cal' if weights != free else 'free'}" + ("-" + "-".join(args.extra_options.split(",")) if args.extra_options else "")
             run = OUT / f"mixed-{Path(args.model).name}-{tag}"
             cfg = SearchConfig(budgets=Budgets(max_avg_bits=budget), trials=args.trials, kinds=("weight",),
@@ -125,11 +130,11 @@ def main() -> None:
         f"- protocol (the main model README's): first {tokens.numel()} tokens of `{Path(args.data).name}`, 512-token "
         f"windows scored alone, {base.tokens} predicted tokens; 16-bit (fp32) ppl {base.ppl:.3f} (README: 29.53)",
         f"- sensitivity: Fisher, {len(table)} rows over {len(options)} options, {calib.tokens} calibration tokens of "
-        f"`{Path(args.calib).name}` (GPTQ options on their real weights); {sens_s:.0f} s "
+        f"`{Path(args.calib).name}` (calibrated options on their real weights); {sens_s:.0f} s "
         f"({table.meta.extra.get('timings', {})})",
         f"- search: NSGA-II, {args.trials} trials, weights only (head and embedding stay 16-bit, as in llama.cpp's "
         "per-decoder-linear figures they are not counted), best plan by the proxy (no verification); applied with "
-        "the same calibration windows; `apply s` includes GPTQ's layer-wise pass",
+        "the same calibration windows; `apply s` includes the calibrated methods' layer-wise pass",
         "- the source checkpoint is a Q4_1 GGUF (4-bit, group 32): formats at or above 4-bit group 32 (and "
         "llama.cpp's 5-bit mixes) are nearly lossless here, so the low-bit end is where methods differ",
         "",
