@@ -7,6 +7,7 @@ then ``os.replace`` it over the destination -- an atomic rename on POSIX and Win
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -37,7 +38,8 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     parent = dest.parent if str(dest.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=parent)
+        _remove_stale(parent, dest.name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=suffix + ".tmp", dir=parent)
     except OSError as e:
         raise BitplanError(f"cannot write {dest}: {e.strerror or e}") from None
     os.close(fd)
@@ -51,6 +53,15 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Delete temporary files a killed process left beside ``name`` (``.NAME.PID.XXXX.tmp`` of a dead PID)."""
+    for p in parent.glob(f".{glob.escape(name)}.*.tmp"):
+        pid = p.name[len(name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -118,6 +118,7 @@ def profile(
         existing = SensitivityTable.load(output)
         if existing.meta.identity() == meta.identity() and wanted <= {r.key for r in existing.rows}:
             _log.info("reusing %s: same model, calibration tokens and options", output)
+            PartialStore(output, meta).cleanup()  # progress a run killed after saving the table left behind
             return existing
         base_rows = existing.rows if existing.meta.identity() == meta.identity() else []
     else:
