@@ -25,13 +25,14 @@ and the embedding get separate packed copies), and the plan's fingerprint was ta
 modules and then unties, as :func:`~bitplan.apply.apply_plan` does.
 
 Writes are atomic: the directory is written beside its destination and renamed into place; an existing
-checkpoint is replaced only once the new one is complete, and a directory that is not a bitplan checkpoint
-is never overwritten.
+checkpoint is swapped for the new one in one ``renameat2(RENAME_EXCHANGE)`` once the new one is complete
+(two renames where the kernel lacks it), and a directory that is not a bitplan checkpoint is never overwritten.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -202,6 +203,17 @@ def save(
     return chosen
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return bool(renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0)
+
+
 def _atomic_dir(dest: Path, write: Any) -> None:
     """Write a directory beside ``dest`` and rename it into place (replacing an older bitplan checkpoint)."""
     if dest.exists() and not dest.is_dir():
@@ -220,10 +232,13 @@ def _atomic_dir(dest: Path, write: Any) -> None:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=parent))
-            os.replace(dest, old / "ckpt")
-        os.replace(tmp, dest)
+        if dest.exists() and _exchange(tmp, dest):  # one atomic swap: the old checkpoint is now at tmp
+            old = tmp
+        else:
+            if dest.exists():  # no renameat2 here: two renames, with a moment where dest does not exist
+                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=parent))
+                os.replace(dest, old / "ckpt")
+            os.replace(tmp, dest)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BitplanError(f"cannot write {dest}: {e.strerror or e}") from None
