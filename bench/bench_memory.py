@@ -61,13 +61,14 @@ def main() -> None:
     ap.add_argument("--calib", default=str(SHARED / "data" / "wikitext-2-valid-unk.txt"))
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--stages", default="sensitivity-fisher,sensitivity-kl,apply-w4g64a,apply-w3g64a@gptq,apply-w3g64a@awq")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.model = args.model or default_model()
     if args.stage:
         _stage(args)
         return
-    stages = ["sensitivity-fisher", "sensitivity-kl", "apply-w4g64a", "apply-w3g64a@gptq", "apply-w3g64a@awq"]
+    stages = args.stages.split(",")
     got = {}
     for st in stages:
         cmd = [sys.executable, __file__, "--model", args.model, "--calib", args.calib, "--tokens", str(args.tokens),
