@@ -131,7 +131,7 @@ def test_search_survives_sigkill(inputs: dict[str, Path], tmp_path: Path) -> Non
     def argv(out: Path) -> list[str]:
         return ["search", "--model", str(inputs["model"]), "--calib", str(inputs["calib"]), "--tokens", "512",
                 "--window", "128", "--weights", "w8g64a,w4g64a,w3g64a", "--kinds", "weight,kv", "--kv", "k8v8;k4v4",
-                "--max-avg-bits", "5", "--trials", "200", "--seed", "3", "--verify-top", "2", "--verify-tokens", "256",
+                "--max-avg-bits", "5", "--trials", "120", "--seed", "3", "--verify-top", "2", "--verify-tokens", "256",
                 "-o", str(out)]  # fmt: skip
 
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
