@@ -115,7 +115,7 @@ def main() -> None:
     k_fisher = max(got[st]["peak"] - got[st]["base"], 0) / model_bytes if "sensitivity-fisher" in got else 0.0
     lines += [
         "",
-        f"Measured scaling. The streaming stages (apply with every method, measured-KL sensitivity) hold at most "
+        f"Measured scaling. The streaming stages ({', '.join(stream)}) hold at most "
         f"{k_stream:.1f} x one decoder layer's float32 weights beyond the model, activations included: they work one layer "
         "at a time, so this does not grow with depth. Fisher sensitivity does not stream: one backward pass holds every "
         "layer's activations of a batch, and it caches each unit's `Q(W) - W` per option for all batches (a speed choice: "
