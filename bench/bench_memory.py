@@ -112,7 +112,8 @@ def main() -> None:
     model_bytes = 4 * sum(p for p in [n * layer_params])  # the decoder layers' float32 weights
     stream = [st for st in stages if not st.startswith("sensitivity-fisher")]
     k_stream = max(ks[st] for st in stream)
-    k_fisher = max(got[st]["peak"] - got[st]["base"], 0) / model_bytes if "sensitivity-fisher" in got else 0.0
+    fisher = got.get("sensitivity-fisher")
+    k_fisher = max(fisher["peak"] - fisher["base"], 0) / model_bytes if fisher else 0.0
     lines += [
         "",
         f"Measured scaling. The streaming stages ({', '.join(stream)}) hold at most "
