@@ -37,7 +37,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,24 +88,28 @@ def _describe(module: nn.Module) -> dict[str, Any]:
     }
 
 
+def _slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, bool, torch.Tensor]]:
+    """``(name, module, attribute, is_parameter, tensor)`` of every parameter and buffer (non-persistent ones too),
+    under every name it is reachable by (a tied tensor appears under each)."""
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is not None:
+                yield f"{mod_name}.{attr}" if mod_name else attr, mod, attr, attr in mod._parameters, t
+
+
 def _all_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every parameter and buffer (non-persistent ones too), each storage once, and the aliases of shared ones."""
+    """Every parameter and buffer, each storage once, and the aliases of shared ones."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[int, str] = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
-            if t is None:
-                continue
-            name = f"{mod_name}.{attr}" if mod_name else attr
-            if name in tensors or name in aliases:
-                continue
-            key = id(t)
-            if key in seen:
-                aliases[name] = seen[key]
-                continue
-            seen[key] = name
-            tensors[name] = t.detach().contiguous()
+    for name, _, _, _, t in _slots(model):
+        if name in tensors or name in aliases:
+            continue
+        if id(t) in seen:
+            aliases[name] = seen[id(t)]
+            continue
+        seen[id(t)] = name
+        tensors[name] = t.detach().contiguous()
     return tensors, aliases
 
 
@@ -343,11 +347,7 @@ def load(
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: Mapping[str, str], source: Path) -> None:
     """Put every stored tensor in its slot of the meta skeleton, checking names, shapes and dtypes."""
-    slots: dict[str, tuple[nn.Module, str, bool]] = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
-            if t is not None:
-                slots[f"{mod_name}.{attr}" if mod_name else attr] = (mod, attr, attr in mod._parameters)
+    slots = {name: (mod, attr, is_param) for name, mod, attr, is_param, _ in _slots(model)}
     expected = set(slots)
     stored = set(tensors) | set(aliases)
     if expected != stored:

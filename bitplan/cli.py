@@ -115,18 +115,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise BitplanError(f"--calib-tokens ({args.calib_tokens}) must hold at least one --calib-window ({args.calib_window}), and a window at least 2 tokens")
     model = _load(args)
     calib = None
+    tokenizer = _tokenizer_or_none(args.model) if args.save else None
     if calibrated:
         from bitplan.loading import load_tokenizer
         from bitplan.sensitivity import load_calib
 
-        calib = load_calib(load_tokenizer(args.model), args.calib, args.calib_tokens, args.calib_window)
+        calib = load_calib(tokenizer or load_tokenizer(args.model), args.calib, args.calib_tokens, args.calib_window)
     t_load = time.perf_counter()
     saved = None
     if args.save:  # the checkpoint holds the canonical packed bytes: quantize on the reference kernel, then re-lay
         from bitplan.checkpoint import save, set_kernels
 
         apply_plan(model, plan, kernels="reference", progress=not args.json, calib=calib)
-        chosen = save(model, args.save, kernels=args.kernels, latency=latency, tokenizer=_tokenizer_or_none(args.model))
+        chosen = save(model, args.save, kernels=args.kernels, latency=latency, tokenizer=tokenizer)
         set_kernels(model, chosen)
         saved = str(args.save)
     else:

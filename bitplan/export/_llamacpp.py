@@ -33,12 +33,12 @@ from bitplan.export._base import (
     ExportError,
     ExportOptions,
     ExportResult,
+    _fused_of,
     module_paths,
     rebuild,
     register_exporter,
 )
 from bitplan.formats import WeightFormat, parse_weight
-from bitplan.graph import FUSED_SIBLINGS
 from bitplan.plan import Plan, UnitChoice
 
 __all__ = ["EXACT", "GGUF_TYPES", "LlamaCppExporter", "gguf_type"]
@@ -139,7 +139,6 @@ def _tensors(plan: Plan) -> list[tuple[str, str, UnitChoice, int, int]]:
     layers_path, head_path = module_paths(plan)
     names = _name_map(plan)
     out = []
-    fused = dict(FUSED_SIBLINGS)
     for unit, choice in plan.unit_choices():
         shape = plan.shapes.get(unit)
         if shape is None:
@@ -148,9 +147,9 @@ def _tensors(plan: Plan) -> list[tuple[str, str, UnitChoice, int, int]]:
             modules = [head_path]
         else:
             _, index, local = unit.split(".", 2)
-            parent, _, leaf = local.rpartition(".")
-            leaves = fused.get(leaf, (leaf,))
-            modules = [f"{layers_path}.{index}.{parent + '.' if parent else ''}{m}" for m in leaves]
+            group = _fused_of(local)  # a fused-granularity group names its members; a member stands for itself
+            members = group[1] if group is not None and group[0] == local else (local,)
+            modules = [f"{layers_path}.{index}.{m}" for m in members]
         for m in modules:
             gname = names.get_name(m, try_suffixes=(".weight",))
             if gname is None:
