@@ -33,8 +33,7 @@ Cost. Per unit x option, ``g_t . (dW x_t)`` costs ``2 * tokens * numel`` FLOPs -
 A member's options are stacked into one ``[d, n * d']`` matrix: one bf16 GEMM (fp32 accumulation on AMX)
 on the side with the smaller output (``X @ dW^T`` if ``out <= in``, else ``g @ dW``), then a batched dot.
 ``Q(W) - W`` comes from the *caller's* weights in fp32 (not the bf16 copy), once per member x option, and is
-cached in ``dtype`` for all batches (SmolLM2-135M x 6 options: 1.3 GB, where quantizing again would add
-~4 s to every ~15 s batch). Fused members share ``X``; their dots add per token before squaring
+cached in ``dtype`` while its layer is scored (quantizing again per batch would add ~25% to the pass). Fused members share ``X``; their dots add per token before squaring
 (``g . dY`` of the fused output).
 
 Activations need no GEMM: ``g . (dX W^T) = (g W) . dX``, and ``g W`` is the gradient at the linear's input,
@@ -43,18 +42,31 @@ the dots of all the layer's linears add per token before squaring: quantizing ev
 (``layers.{i}.acts``); ``a4t`` is a big perturbation where second order only ranks. KV caches are not
 scored here (the measured path scores ``kind="kv"``).
 
-Memory stays bounded: a linear's ``X`` lives from its forward to its backward hook, gradients are used
-inside the hooks, and only ``[options, tokens]`` fp32 dots survive to the end of a batch. The caller's
-model is not modified: one already in ``dtype`` is used in place (parameters frozen, hooks removed;
-flags, mode and attention implementation restored), any other is run as a ``dtype`` copy.
+Memory: one decoder layer at a time. A plain ``logits.backward()`` keeps every layer's activations of a
+batch alive until the gradient reaches them, and cached deltas for every unit x option: 7.9 GB beyond the
+model for SmolLM2-135M (3 options, 4 x 512 tokens per batch), 19x its decoder weights. So the pass is
+*layer-streamed* (activation checkpointing at decoder-layer granularity, run by hand): one no-grad forward per
+batch keeps the hidden state entering every layer (``L x tokens x hidden``, as the measured engine does) and
+each layer's call arguments; the sampled-label gradient at the last layer's output comes from the final norm
+and the head, 256 positions at a time; then, from the last layer down, each layer is re-run with grad on its
+stored input for every batch and ``backward`` takes the stored gradient at its output to the one at its
+input. Only that layer's activations, its ``Q(W) - W`` (quantized once, reused for every batch, dropped when
+the layer is done) and, in a ``dtype`` other than the model's, one copy of that layer exist at a time. It
+costs one more layer forward per batch (~1/3 of a backward); the numbers are those of the full backward
+(same seeded labels, same per-token dots; the tests compare the two). A model whose layers cannot be replayed
+from their captured arguments (checked bit for bit on the first batch, as in ``_measure``) or whose logits are
+not ``lm_head(final_norm(h))`` falls back to the full backward, with a warning. The caller's model is not
+modified (parameters frozen, hooks removed; flags, mode and attention implementation restored).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -63,55 +75,21 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bitplan.formats import ActFormat, WeightFormat
-from bitplan.graph import Granularity, LinearInfo, ModelGraph, Unit, build_graph
+from bitplan.graph import Granularity, ModelGraph, Unit, build_graph
 from bitplan.loading import _param_device, compute_dtype_for
-from bitplan.quantizers import fake_quantize_act, get_weight_quantizer
-from bitplan.quantizers._base import WeightQuantizer, decode_groups, encode_groups, group_view
-from bitplan.quantizers._rtn import RTN
 from bitplan.sensitivity._calib import CalibData
 from bitplan.sensitivity._calibrated import CalibratedWeights, precompute
-from bitplan.sensitivity._candidates import Candidates, WeightOption
+from bitplan.sensitivity._candidates import Candidates
+from bitplan.sensitivity._fisher_hooks import _Scorer, _v_pairs
+from bitplan.sensitivity._measure import _FINAL_NORMS, _hooks, _split_call
 from bitplan.sensitivity._rows import ScoreRow
 
 __all__ = ["FisherForm", "fisher_scores"]
 
 FisherForm = Literal["token", "diag"]
 _KINDS = ("weight", "act")
-_Grads = tuple[Tensor | None, ...]
-
-
-@dataclass
-class _Linear:
-    """A member linear of the working model and what its hooks need."""
-
-    info: LinearInfo
-    unit: int  # index into the unit list
-    layer: int
-    module: nn.Module  # the working model's module
-    options: list[WeightOption]
-    g_side: bool  # options evaluated as (g @ dW) . x instead of (X @ dW^T) . g
-    v_of: str | None = None  # attention path: this is its v_proj, scored at the attention output
-    o_of: str | None = None  # attention path: this is its o_proj (hands over the attention-output gradient)
-    deltas: Tensor | None = None  # stacked Q(W) - W of all options, cached across batches
-    x: Tensor | None = None  # this batch's input [T, in], from forward hook to backward hook
-    key: tuple[int, ...] = ()  # identifies an input shared with sibling linears (q/k/v, gate/up)
-
-
-def _fake_quantize(quantizer: WeightQuantizer, w: Tensor, fmt: WeightFormat) -> Tensor:
-    """``Q(W)`` in fp32. For the RTN family (``quantize`` encodes against ``params(w)``) the lossless pack /
-    unpack round trip is skipped: ~60% of the quantization time, same values."""
-    if isinstance(quantizer, RTN) and type(quantizer).quantize is RTN.quantize:
-        w = quantizer._prepare(w, fmt)
-        scales, offsets = quantizer.params(w, fmt)
-        codes = encode_groups(group_view(w, fmt), fmt, scales, offsets)
-        return decode_groups(codes, fmt, scales, offsets).reshape(w.shape)
-    return quantizer.quantize(w, fmt).dequantize(torch.float32)
-
-
-def _weight_out_in(module: nn.Module, info: LinearInfo) -> Tensor:
-    w = cast(Tensor, module.weight).detach()
-    return w.t() if info.transposed else w
+_HEAD_ROWS = 256  # positions per head forward / backward: [256, vocab] fp32 logits, probabilities and gradient
+_log = logging.getLogger("bitplan")
 
 
 def _set_attn(model: nn.Module, impl: str) -> None:
@@ -122,15 +100,9 @@ def _set_attn(model: nn.Module, impl: str) -> None:
 
 
 @contextmanager
-def _working_model(model: nn.Module, dtype: torch.dtype, eager: bool) -> Iterator[nn.Module]:
-    """``model`` itself (frozen, eval; restored afterwards) when it is already in ``dtype``, else a copy."""
+def _frozen(model: nn.Module, eager: bool) -> Iterator[nn.Module]:
+    """``model`` in eval mode with frozen parameters (and eager attention); all restored afterwards."""
     params = list(model.parameters())
-    if any(p.dtype != dtype for p in params if p.is_floating_point()):
-        work = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-        if eager:
-            _set_attn(work, "eager")
-        yield work
-        return
     flags, training = [p.requires_grad for p in params], model.training
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     try:
@@ -146,191 +118,194 @@ def _working_model(model: nn.Module, dtype: torch.dtype, eager: bool) -> Iterato
             _set_attn(model, impl)
 
 
-def _v_pairs(graph: ModelGraph) -> dict[str, tuple[str, str]]:
-    """Attention path -> (v_proj path, o_proj path) for layers with separate ``v_proj`` and ``o_proj``."""
-    out = {}
-    for layer in graph.layers:
-        paths = {lin.path for lin in layer.linears}
-        v, o = f"{layer.attention}.v_proj", f"{layer.attention}.o_proj"
-        if v in paths and o in paths:
-            out[layer.attention] = (v, o)
-    return out
+def _model_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
-def _v_dots(dv: Tensor, attn: Tensor, g_out: Tensor, n: int) -> Tensor:
-    """Per target token ``sum_h g_O[s,h] . (A_h dV_h)[s]`` -> ``[n, B*L]``.
-
-    ``dv [B*L, n*Hkv*D]`` (option-major), ``attn [B, H, L, L]``, ``g_out [B*L, H*D]``; query head ``h``
-    reads kv head ``h // (H / Hkv)`` (``repeat_kv``), so each kv head's query rows are stacked into one GEMM.
-    """
-    b, h, length, _ = attn.shape
-    d = g_out.shape[-1] // h
-    hkv = dv.shape[-1] // (n * d)
-    grp = h // hkv
-    dv = dv.view(b, length, n, hkv, d).permute(0, 3, 1, 2, 4).reshape(b, hkv, length, n * d)
-    do = (attn.reshape(b, hkv, grp * length, length) @ dv).view(b, hkv, grp, length, n, d)
-    g = g_out.view(b, length, hkv, grp, d).permute(0, 2, 3, 1, 4).unsqueeze(-1)  # [b, hkv, grp, L, D, 1]
-    dots = (do @ g).squeeze(-1).float().sum((1, 2))  # [b, L, n]
-    return dots.permute(2, 0, 1).reshape(n, b * length)
+@contextmanager
+def _in_dtype(module: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """``module`` itself when its floating parameters are in ``dtype``, else a ``dtype`` copy (dropped after)."""
+    if all(p.dtype == dtype for p in module.parameters() if p.is_floating_point()):
+        yield module
+    else:
+        yield copy.deepcopy(module).to(dtype)
 
 
-class _Scorer:
-    """Forward / backward hooks that turn each batch's (X, g) into score contributions."""
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in ``obj`` (rotary tables, additive masks) in ``dtype``; -inf/huge clamped to its range."""
+    if isinstance(obj, Tensor):
+        if not obj.is_floating_point() or obj.dtype == dtype:
+            return obj
+        info = torch.finfo(dtype)
+        return obj.clamp(info.min, info.max).to(dtype)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(x, dtype) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
 
-    def __init__(self, source: nn.Module, work: nn.Module, graph: ModelGraph, units: Sequence[Unit],
-                 candidates: Candidates, kinds: Sequence[str], form: FisherForm, dtype: torch.dtype,
-                 calibrated: CalibratedWeights | None = None) -> None:  # fmt: skip
-        self.source, self.work, self.form, self.dtype = source, work, form, dtype
-        self.units, self.calibrated = units, calibrated or CalibratedWeights()
-        self.acts: tuple[ActFormat, ...] = candidates.acts if "act" in kinds else ()
-        weights = "weight" in kinds
-        self.opts = [candidates.weight_options(u.in_features) if weights else [] for u in units]
-        self.quantizers = {o.method: get_weight_quantizer(o.method) for opts in self.opts for o in opts}
-        pairs = _v_pairs(graph) if form == "token" else {}
-        v_of = {v: a for a, (v, _) in pairs.items()}
-        o_of = {o: a for a, (_, o) in pairs.items()}
-        self.linears: dict[str, _Linear] = {}
-        for k, unit in enumerate(units):
-            for info in unit.members:
-                g_side = form == "token" and info.out_features > info.in_features and info.path not in v_of
-                module = work.get_submodule(info.path)
-                lin = _Linear(info, k, int(unit.layer or 0), module, self.opts[k], g_side)
-                lin.v_of, lin.o_of = v_of.get(info.path), o_of.get(info.path)
-                self.linears[info.path] = lin
-        self.attn_paths = [a for a, (v, _) in pairs.items() if self.linears[v].options]
-        n_layers = 1 + max((int(u.layer or 0) for u in units), default=-1)
-        # float64 score sums and own compute seconds per unit x option / layer x act format
-        self.weight = [torch.zeros(len(o), dtype=torch.float64) for o in self.opts]
-        self.sec_w = [torch.zeros(len(o), dtype=torch.float64) for o in self.opts]
-        self.act = torch.zeros(n_layers, len(self.acts), dtype=torch.float64)
-        self.sec_a = torch.zeros_like(self.act)
-        self.batch_w: dict[int, Tensor] = {}  # "token": per unit, this batch's [n_options, T] fp32 dots
-        self.batch_a: dict[int, Tensor] = {}  # "token": per layer, this batch's [n_acts, T] fp32 dots
-        # act deltas of an input (shared by q/k/v, gate/up) and how many of its readers still need them
-        self.dx: dict[tuple[int, ...], Tensor] = {}  # [T, n_acts, in] fp32
-        self.users: dict[tuple[int, ...], int] = {}
-        self.attn_w: dict[str, Tensor] = {}  # attention probabilities [B, H, L, L] of this batch
-        self.attn_g: dict[str, Tensor] = {}  # gradient at o_proj's input [T, H*D] of this batch
 
-    def install(self) -> list[Any]:
-        handles = []
-        for lin in self.linears.values():
-            handles.append(lin.module.register_forward_hook(self._forward_hook(lin)))
-            handles.append(lin.module.register_full_backward_hook(self._backward_hook(lin)))
-        for path in self.attn_paths:
-            handles.append(self.work.get_submodule(path).register_forward_hook(self._attn_hook(path)))
-        return handles
+def _submodule(layer: nn.Module, prefix: str, path: str) -> nn.Module:
+    """The module of ``layer`` (whose model path is ``prefix`` minus the dot) at model path ``path``."""
+    return layer.get_submodule(path.removeprefix(prefix))
 
-    def _attn_hook(self, path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if isinstance(w, Tensor) and w.dim() == 4:
-                self.attn_w[path] = w.detach()
 
-        return hook
+def _hidden(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
 
-    def _forward_hook(self, lin: _Linear) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            lin.x = args[0].detach().reshape(-1, lin.info.in_features)
-            lin.key = (lin.x.data_ptr(), *lin.x.shape)
-            self.users[lin.key] = self.users.get(lin.key, 0) + 1
 
-        return hook
-
-    def _backward_hook(self, lin: _Linear) -> Callable[..., None]:
-        def hook(module: nn.Module, grad_input: _Grads, grad_output: _Grads) -> None:
-            x, lin.x = lin.x, None
-            gy, gx = grad_output[0], grad_input[0]
-            if x is None or gy is None:
-                return
-            g = gy.reshape(-1, lin.info.out_features).to(self.dtype)
-            if lin.o_of is not None and gx is not None:
-                self.attn_g[lin.o_of] = gx.detach().reshape(x.shape)
-            if lin.options:
-                t0 = time.perf_counter()
-                self._score_weight(lin, x, g)
-                self.sec_w[lin.unit] += (time.perf_counter() - t0) / len(lin.options)
-            if self.acts and gx is not None:
-                t0 = time.perf_counter()
-                self._score_acts(lin, x, g, gx.reshape(x.shape))
-                self.sec_a[lin.layer] += (time.perf_counter() - t0) / len(self.acts)
-
-        return hook
-
-    def _deltas(self, lin: _Linear) -> Tensor:
-        """``Q(W) - W`` of every option, stacked: ``[out, n*in]`` (g side) or ``[in, n*out]`` (X side)."""
-        if lin.deltas is None:
-            w = _weight_out_in(self.source.get_submodule(lin.info.path), lin.info).float()
-            parts = []
-            unit = self.units[lin.unit]
-            member = [m.path for m in unit.members].index(lin.info.path)
-            for k, opt in enumerate(lin.options):
-                t0 = time.perf_counter()
-                if (unit.name, opt) in self.calibrated:  # the method's real weights, quantized once
-                    q = self.calibrated.dequantized(unit.name, opt)[member]
-                else:
-                    q = _fake_quantize(self.quantizers[opt.method], w, opt.format)
-                parts.append((q - w).to(self.dtype))
-                self.sec_w[lin.unit][k] += time.perf_counter() - t0
-            lin.deltas = torch.cat(parts if lin.g_side else [p.t() for p in parts], dim=1).contiguous()
-        return lin.deltas
-
-    def _score_weight(self, lin: _Linear, x: Tensor, g: Tensor) -> None:
-        d, n, t = self._deltas(lin), len(lin.options), x.shape[0]
-        if self.form == "diag":
-            dy = (x @ d).view(t, n, -1)
-            part = torch.bmm(dy.square(), g.square().unsqueeze(-1)).float().sum((0, 2))
-            self.weight[lin.unit] += 0.5 * part.double().cpu()
-            return
-        attn, g_out = self.attn_w.pop(lin.v_of, None), self.attn_g.pop(lin.v_of, None)  # type: ignore[arg-type]
-        if lin.g_side:
-            dots = torch.bmm((g @ d).view(t, n, -1), x.unsqueeze(-1)).squeeze(-1).t().float()
-        elif attn is not None and g_out is not None and attn.shape[0] * attn.shape[2] == t:
-            dots = _v_dots(x @ d, attn, g_out.to(self.dtype), n)
-        else:
-            dots = torch.bmm((x @ d).view(t, n, -1), g.unsqueeze(-1)).squeeze(-1).t().float()
-        acc = self.batch_w.get(lin.unit)
-        self.batch_w[lin.unit] = dots if acc is None else acc.add_(dots)
-
-    def _score_acts(self, lin: _Linear, x: Tensor, g: Tensor, gx: Tensor) -> None:
-        if lin.key not in self.dx:  # q/k/v (gate/up) share one input: quantize it once
-            xf = x.float()
-            self.dx[lin.key] = torch.stack([fake_quantize_act(xf, a) - xf for a in self.acts], dim=1)
-        self.users[lin.key] -= 1
-        dx = self.dx[lin.key] if self.users[lin.key] > 0 else self.dx.pop(lin.key)
-        if self.form == "diag":
-            w = _weight_out_in(lin.module, lin.info)
-            sq = g.float().square()
-            part = [(nn.functional.linear(d.to(self.dtype), w).float().square() * sq).sum() for d in dx.unbind(1)]
-            self.act[lin.layer] += 0.5 * torch.stack(part).double().cpu()
-            return
-        dots = torch.bmm(dx, gx.float().unsqueeze(-1)).squeeze(-1).t()  # [n_acts, T]
-        acc = self.batch_a.get(lin.layer)
-        self.batch_a[lin.layer] = dots if acc is None else acc.add_(dots)
-
-    def end_batch(self) -> None:
-        """Square the batch's per-token dot products ("token" form) into the totals; drop batch state."""
-        for unit, dots in self.batch_w.items():
-            self.weight[unit] += 0.5 * dots.square().sum(-1).double().cpu()
-        for layer, dots in self.batch_a.items():
-            self.act[layer] += 0.5 * dots.square().sum(-1).double().cpu()
-        for d in (self.batch_w, self.batch_a, self.dx, self.users, self.attn_w, self.attn_g):
-            d.clear()
-        for lin in self.linears.values():
-            lin.x = None
+def _sampled_grad(logits: Tensor, u: Tensor) -> Tensor:
+    """``p - onehot(y)`` for rows of logits, ``y ~ p = softmax`` by inverse CDF at uniforms ``u`` ``[rows, 1]``."""
+    p = logits.detach().float().softmax(-1)
+    cdf = p.cumsum(-1)
+    y = torch.searchsorted(cdf, u.to(p.device) * cdf[:, -1:]).clamp_(max=p.shape[-1] - 1)
+    return p.scatter_add_(-1, y, torch.full_like(y, -1.0, dtype=p.dtype)).to(logits.dtype)
 
 
 def _sampled_logit_grad(logits: Tensor, gen: torch.Generator) -> Tensor:
     """``p - onehot(y)``, ``y ~ p = softmax(logits)``, at every position but the last (zero there)."""
-    b, length, vocab = logits.shape
-    grad = torch.zeros(b, length, vocab, dtype=logits.dtype, device=logits.device)
+    b, length, _ = logits.shape
+    grad = torch.zeros_like(logits)
     for i in range(b):  # one window at a time bounds the fp32 temporaries
-        p = logits[i, :-1].detach().float().softmax(-1)
-        cdf = p.cumsum(-1)
-        u = torch.rand(length - 1, 1, generator=gen).to(p.device) * cdf[:, -1:]
-        y = torch.searchsorted(cdf, u).clamp_(max=vocab - 1)
-        grad[i, :-1] = p.scatter_add_(-1, y, torch.full_like(u, -1.0)).to(logits.dtype)
+        grad[i, :-1] = _sampled_grad(logits[i, :-1], torch.rand(length - 1, 1, generator=gen))
     return grad
+
+
+# ------------------------------------------------------------------------------------- layer-streamed pass
+@dataclass
+class _Batch:
+    """One calibration batch of the layer-streamed pass."""
+
+    inputs: list[Tensor | None]  # hidden state entering each layer, then the last layer's output [b, T, d]
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]  # per layer: (args after the hidden state, kwargs)
+    grad: Tensor | None = None  # gradient at the output of the next layer to score
+
+
+def _final_norm(model: nn.Module, graph: ModelGraph) -> nn.Module | None:
+    base_path = graph.layers_path.rpartition(".")[0]
+    base = model.get_submodule(base_path) if base_path else model
+    return next((m for n in _FINAL_NORMS if isinstance(m := getattr(base, n, None), nn.Module)), None)
+
+
+def _capture(model: nn.Module, layers: nn.ModuleList, head: nn.Module, norm: nn.Module, ids: Tensor,
+             check: bool) -> _Batch | None:  # fmt: skip
+    """Inputs and call arguments of every layer for one batch (no grad). With ``check``: None unless replaying
+    the layers from them, the final norm and the head reproduce the model's logits bit for bit."""
+    inputs: list[Tensor] = []
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    last: list[Tensor] = []
+    final: list[Tensor] = []
+
+    def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        h, rest, kw = _split_call(args, kwargs)
+        inputs.append(h.detach())
+        calls.append((rest, kw))
+
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+    handles.append(layers[-1].register_forward_hook(lambda _m, _a, out: last.append(_hidden(out).detach())))
+    handles.append(head.register_forward_pre_hook(lambda _m, a: final.append(a[0].detach())))
+    with _hooks(handles), torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    if len(inputs) != len(layers) or len(last) != 1 or len(final) != 1:
+        return None
+    if check:
+        with torch.no_grad():
+            h = inputs[0]
+            for layer, (args, kw) in zip(layers, calls, strict=True):
+                h = _hidden(layer(h, *args, **kw))
+            if not (torch.equal(h, last[0]) and torch.equal(norm(h), final[0]) and torch.equal(head(final[0]), logits)):
+                return None
+    return _Batch([*inputs, last[0]], calls)
+
+
+def _head_grad(norm: nn.Module, head: nn.Module, h_last: Tensor, gen: torch.Generator) -> Tensor:
+    """Gradient of ``log p(y)`` (labels sampled from the model) at the last layer's output, ``[b, T, d]``.
+
+    The final norm works per position, so the head runs ``_HEAD_ROWS`` positions at a time: the ``[rows,
+    vocab]`` temporaries stay small (a window at once would be 4 x 100 MB at SmolLM2's 49k vocabulary)."""
+    b, length, _ = h_last.shape
+    h = h_last.detach().to(_model_dtype(head) or h_last.dtype).requires_grad_(True)
+    for i in range(b):
+        u = torch.rand(length - 1, 1, generator=gen)  # the same draws as the full backward's
+        for r in range(0, length - 1, _HEAD_ROWS):
+            rows = slice(r, min(r + _HEAD_ROWS, length - 1))
+            with torch.enable_grad():
+                logits = head(norm(h[i, rows]))
+            logits.backward(_sampled_grad(logits, u[rows]))
+    return cast(Tensor, h.grad)
+
+
+def _stream(model: nn.Module, graph: ModelGraph, batches: list[Tensor], scorer: _Scorer, dtype: torch.dtype,
+            gen: torch.Generator, progress: bool) -> bool:  # fmt: skip
+    """The layer-streamed pass (module docstring); False (nothing scored) if the model cannot be replayed."""
+    if graph.lm_head is None or not graph.layers or (norm := _final_norm(model, graph)) is None:
+        return False
+    layers = cast(nn.ModuleList, model.get_submodule(graph.layers_path))
+    head = model.get_submodule(graph.lm_head.path)
+    device = cast(Tensor, next(model.parameters())).device
+    state: list[_Batch] = []
+    for k, ids in enumerate(tqdm(batches, desc="fisher forward", unit="batch", disable=not progress, file=sys.stderr)):
+        batch = _capture(model, layers, head, norm, ids.to(device), check=k == 0)
+        if batch is None:
+            return False
+        state.append(batch)
+    same = _model_dtype(model) == dtype
+    if not same:  # the stored inputs as the layers compute them in ``dtype``, one layer copy at a time
+        for batch in state:
+            batch.inputs[0] = cast(Tensor, batch.inputs[0]).to(dtype)
+        for i, layer in enumerate(layers):
+            with _in_dtype(layer, dtype) as work, torch.no_grad():
+                for batch in state:
+                    args, kw = _cast(batch.calls[i], dtype)
+                    batch.inputs[i + 1] = _hidden(work(batch.inputs[i], *args, **kw))
+    for batch in state:
+        batch.grad = _head_grad(norm, head, cast(Tensor, batch.inputs[-1]), gen).to(dtype)
+        batch.inputs[-1] = None
+    for i in tqdm(range(len(layers) - 1, -1, -1), desc="fisher", unit="layer", disable=not progress, file=sys.stderr):
+        with _in_dtype(layers[i], dtype) as work:
+            with _hooks(scorer.install(functools.partial(_submodule, work, graph.layers[i].path + "."), i)):
+                for batch in state:
+                    h = cast(Tensor, batch.inputs[i]).detach().requires_grad_(True)
+                    args, kw = batch.calls[i] if same else _cast(batch.calls[i], dtype)
+                    with torch.enable_grad():
+                        out = _hidden(work(h, *args, **kw))
+                    out.backward(batch.grad)
+                    batch.grad, batch.inputs[i] = cast(Tensor, h.grad), None
+                    del h, out
+                    scorer.end_batch()
+        scorer.release(i)
+    return True
+
+
+# ------------------------------------------------------------------------------------- full backward (fallback)
+@contextmanager
+def _working_model(model: nn.Module, dtype: torch.dtype, eager: bool) -> Iterator[nn.Module]:
+    """``model`` itself (frozen, eval; restored afterwards) when it is already in ``dtype``, else a copy."""
+    if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+        work = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        if eager:
+            _set_attn(work, "eager")
+        yield work
+        return
+    with _frozen(model, eager) as work:
+        yield work
+
+
+def _full(model: nn.Module, batches: list[Tensor], scorer: _Scorer, dtype: torch.dtype, eager: bool,
+          gen: torch.Generator, progress: bool) -> None:  # fmt: skip
+    """One forward + backward of the whole model per batch: every layer's activations live at once."""
+    with _working_model(model, dtype, eager) as work:
+        with _hooks(scorer.install(work.get_submodule)):
+            embed: nn.Module = work.get_input_embeddings()  # type: ignore[operator]
+            device = cast(Tensor, embed.weight).device
+            for ids in tqdm(batches, desc="fisher", unit="batch", disable=not progress, file=sys.stderr):
+                with torch.enable_grad():  # parameters are frozen: grads flow through activations only
+                    emb = embed(ids.to(device)).detach().requires_grad_(True)
+                    logits = work(inputs_embeds=emb, use_cache=False).logits
+                    logits.backward(_sampled_logit_grad(logits, gen))
+                del logits, emb
+                scorer.end_batch()
+        scorer.end_batch()
 
 
 def fisher_scores(
@@ -346,6 +321,7 @@ def fisher_scores(
     progress: bool = True,
     seed: int = 0,
     calibrated: CalibratedWeights | None = None,
+    stream: bool = True,
 ) -> list[ScoreRow]:
     """Fisher estimate of the KL of quantizing each unit with each weight option, and each layer's
     activations with each act format, from one forward + backward per calibration batch.
@@ -354,7 +330,8 @@ def fisher_scores(
     x act format. ``dtype`` is the compute dtype of the model and the GEMMs (scores accumulate in fp32 /
     fp64); ``form`` the quadratic form (module docstring); ``kinds`` a subset of ``("weight", "act")``.
     Calibrated options (``@gptq``, ``@awq``...) are scored on their real weights, from ``calibrated`` or
-    quantized here first (:func:`bitplan.sensitivity._calibrated.precompute`).
+    quantized here first (:func:`bitplan.sensitivity._calibrated.precompute`). ``stream=False`` runs the
+    full backward (all layers' activations at once; the reference the layer-streamed pass is tested against).
     """
     bad = [k for k in kinds if k not in _KINDS]
     if bad:
@@ -365,30 +342,19 @@ def fisher_scores(
     graph = build_graph(model)
     units = graph.units(granularity)
     dtype = dtype or compute_dtype_for(_param_device(model))
-    gen = torch.Generator().manual_seed(seed)
     tokens = calib.num_windows * (calib.window - 1)
     eager = form == "token" and "weight" in kinds and bool(_v_pairs(graph))
     if calibrated is None and "weight" in kinds:
         calibrated = precompute(model, graph, calib, [(u, candidates.weight_options(u.in_features)) for u in units],
                                 progress=progress)  # fmt: skip
-    with _working_model(model, dtype, eager) as work:
-        scorer = _Scorer(model, work, graph, units, candidates, kinds, form, dtype, calibrated)
-        handles = scorer.install()
-        try:
-            embed: nn.Module = work.get_input_embeddings()  # type: ignore[operator]
-            device = cast(Tensor, embed.weight).device
-            batches = calib.batches(batch_size)
-            for ids in tqdm(batches, desc="fisher", unit="batch", disable=not progress, file=sys.stderr):
-                with torch.enable_grad():  # parameters are frozen: grads flow through activations only
-                    emb = embed(ids.to(device)).detach().requires_grad_(True)
-                    logits = work(inputs_embeds=emb, use_cache=False).logits
-                    logits.backward(_sampled_logit_grad(logits, gen))
-                del logits, emb
-                scorer.end_batch()
-        finally:
-            for h in handles:
-                h.remove()
-            scorer.end_batch()
+    batches = calib.batches(batch_size)
+    scorer = _Scorer(model, graph, units, candidates, kinds, form, dtype, calibrated)
+    with _frozen(model, eager):
+        if not (stream and _stream(model, graph, batches, scorer, dtype, torch.Generator().manual_seed(seed), progress)):
+            if stream:
+                _log.warning("%s: its decoder layers cannot be replayed one at a time; Fisher runs the full backward "
+                             "(all layers' activations of a batch in memory)", type(model).__name__)  # fmt: skip
+            _full(model, batches, scorer, dtype, eager, torch.Generator().manual_seed(seed), progress)
     return _rows(scorer, units, tokens, time.perf_counter() - start)
 
 

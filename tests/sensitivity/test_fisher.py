@@ -15,7 +15,8 @@ from bitplan.graph import build_graph
 from bitplan.quantizers import fake_quantize_act, get_weight_quantizer
 from bitplan.sensitivity._calib import CalibData
 from bitplan.sensitivity._candidates import Candidates
-from bitplan.sensitivity._fisher import _fake_quantize, _v_dots, fisher_scores
+from bitplan.sensitivity._fisher import fisher_scores
+from bitplan.sensitivity._fisher_hooks import _fake_quantize, _v_dots
 from tests._models import make_random_lm
 
 
@@ -176,3 +177,60 @@ def test_rejects_kv_and_bad_arguments(model: torch.nn.Module) -> None:
         fisher_scores(model, _calib(1), Candidates(), kinds=("kv",), progress=False)
     with pytest.raises(ValueError):
         fisher_scores(model, _calib(1), Candidates(), form="window", progress=False)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32),
+                                             ("gpt_neox", torch.float32), ("qwen2", torch.float32)])  # fmt: skip
+def test_layer_streamed_pass_equals_full_backward(arch: str, dtype: torch.dtype) -> None:
+    """The layer-by-layer backward (stored layer inputs, re-run with grad from the last layer down) gives the
+    numbers of one backward through the whole model: same sampled labels, same per-token dots."""
+    model = make_random_lm(arch, seed=2, initializer_range=0.1)
+    cands = Candidates.parse(["w4g64a", "w2g64a"], ["a8t", "a4t"])
+    calib = _calib(3, 48)  # batches of 2 and 1 window
+    kw = {"dtype": dtype, "progress": False, "batch_size": 2, "seed": 7}
+    streamed = fisher_scores(model, calib, cands, **kw)  # type: ignore[arg-type]
+    full = fisher_scores(model, calib, cands, stream=False, **kw)  # type: ignore[arg-type]
+    assert [r.key for r in streamed] == [r.key for r in full]
+    got, want = torch.tensor([r.score for r in streamed]), torch.tensor([r.score for r in full])
+    assert (want > 0).all()
+    # fp32: equal (1e-6 for BLAS paths); bf16: streamed, the head runs in the model's fp32, so labels differ
+    torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 0.1, atol=0)
+
+
+def test_holds_one_layers_weight_deltas_at_a_time(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Q(W) - W`` of a layer exist only while that layer is scored (the full backward keeps them all)."""
+    from bitplan.sensitivity import _fisher_hooks
+
+    live: set[int] = set()
+    peak = [0]
+    real_deltas, real_release = _fisher_hooks._Scorer._deltas, _fisher_hooks._Scorer.release
+
+    def deltas(self: _fisher_hooks._Scorer, lin: _fisher_hooks._Linear) -> torch.Tensor:
+        live.add(lin.layer)
+        peak[0] = max(peak[0], len(live))
+        return real_deltas(self, lin)
+
+    def release(self: _fisher_hooks._Scorer, layer: int) -> None:
+        live.discard(layer)
+        real_release(self, layer)
+
+    monkeypatch.setattr(_fisher_hooks._Scorer, "_deltas", deltas)
+    monkeypatch.setattr(_fisher_hooks._Scorer, "release", release)
+    fisher_scores(model, _calib(2, 32), Candidates.parse(["w4g64a"], []), progress=False)
+    assert peak[0] == 1 and not live
+    fisher_scores(model, _calib(2, 32), Candidates.parse(["w4g64a"], []), progress=False, stream=False)
+    assert peak[0] == 2  # both layers' deltas at once: the check above can fail
+
+
+def test_falls_back_to_the_full_backward_when_layers_cannot_be_replayed(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bitplan.sensitivity import _fisher
+
+    cands, calib = Candidates.parse(["w4g64a"], ["a8t"]), _calib(2, 32)
+    want = fisher_scores(model, calib, cands, dtype=torch.float32, progress=False, stream=False)
+    monkeypatch.setattr(_fisher, "_FINAL_NORMS", ())
+    with caplog.at_level("WARNING", logger="bitplan"):
+        got = fisher_scores(model, calib, cands, dtype=torch.float32, progress=False)
+    assert "full backward" in caplog.text
+    assert [r.score for r in got] == [r.score for r in want]
