@@ -6,9 +6,9 @@ rest of the model in float, so each unit's method sees the float model's inputs 
 gathered in one streaming pass over the calibration windows, one decoder layer at a time
 (:func:`bitplan._layerwise.quantize_layerwise`, the model left untouched so the float outputs propagate),
 and every (unit, option) is quantized right after its layer's statistics are complete. The results are
-kept packed (a :class:`~bitplan.quantizers.QuantizedWeight` per member, plus the migrated input scale), so
-the Fisher and the measured-KL scorers read the same weights and neither recomputes them; a layer's input
-statistics are dropped before the next layer runs.
+kept packed (a :class:`~bitplan.quantizers.QuantizedWeight` per member, plus the migrated input scale) in a
+temporary file, not in memory, so the Fisher and the measured-KL scorers read the same weights and neither
+recomputes them; a layer's input statistics are dropped before the next layer runs.
 
 AWQ and SmoothQuant migrate a scale ``s`` into the op before the unit (``bitplan._smooth``); with every other
 unit in float the folded model computes exactly ``Q(W diag(s)) diag(s)^-1`` for this one, which is what is
@@ -18,10 +18,12 @@ scale for all AWQ units of a shared input), and is 1 where ``apply_plan`` could 
 
 from __future__ import annotations
 
+import io
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,18 +41,44 @@ def is_calibrated(option: WeightOption) -> bool:
 
 @dataclass
 class CalibratedWeights:
-    """Packed calibrated weights per ``(unit name, option string)``: one per member, and the input scale."""
+    """Packed calibrated weights per ``(unit name, option string)``: one per member, and the input scale.
 
-    entries: dict[tuple[str, str], tuple[list[QuantizedWeight], Tensor | None]] = field(default_factory=dict)
+    They are copies of every layer's weights, one per calibrated option (3 options at ~4.5 bits of an 8B model:
+    ~13 GB), so they are kept in an unnamed temporary file (in ``TMPDIR``; Linux removes it when it is closed
+    or the process dies, even by SIGKILL) and read back one unit at a time: memory holds none of them."""
+
+    entries: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # -> (offset, length) in the file
     seconds: float = 0.0
+    _file: IO[bytes] | None = field(default=None, repr=False)
+
+    def add(self, unit: str, option: WeightOption | str, value: tuple[list[QuantizedWeight], Tensor | None]) -> None:
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="bitplan-calibrated-")
+        self._file.seek(0, io.SEEK_END)
+        self.entries[(unit, str(option))] = (self._file.tell(), buf.tell())
+        self._file.write(buf.getbuffer())
+
+    def get(self, unit: str, option: WeightOption | str) -> tuple[list[QuantizedWeight], Tensor | None]:
+        offset, length = self.entries[(unit, str(option))]
+        assert self._file is not None
+        self._file.seek(offset)
+        # our own file, written above: its pickles are the QuantizedWeight dataclasses, not arbitrary input
+        return cast(tuple[list[QuantizedWeight], Tensor | None], torch.load(io.BytesIO(self._file.read(length)), weights_only=False))
 
     def dequantized(self, unit: str, option: WeightOption) -> list[Tensor]:
         """The members' ``[out, in]`` weights as the folded model computes them (float32)."""
-        packed, s = self.entries[(unit, str(option))]
+        packed, s = self.get(unit, option)
         return [q.dequantize() if s is None else q.dequantize() / s for q in packed]
 
     def __contains__(self, key: tuple[str, WeightOption]) -> bool:
         return (key[0], str(key[1])) in self.entries
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _weight(model: nn.Module, path: str, transposed: bool) -> Tensor:
@@ -108,7 +136,7 @@ def precompute(
             foldable = any(first in g.consumers and g.producer is not None for g in groups)
             weights = [_weight(model, m.path, m.transposed) for m in unit.members]
             for opt in opts:
-                out.entries[(unit.name, str(opt))] = quantize_option(opt, weights, stats[first], foldable)
+                out.add(unit.name, opt, quantize_option(opt, weights, stats[first], foldable))
 
     with torch.no_grad():
         quantize_layerwise(model, graph, calib, on_layer, paths, progress=progress)

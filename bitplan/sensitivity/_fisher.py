@@ -54,7 +54,7 @@ input. Only that layer's activations, its ``Q(W) - W`` (quantized once, reused f
 the layer is done) and, in a ``dtype`` other than the model's, one copy of that layer exist at a time. It
 costs one more layer forward per batch (~1/3 of a backward); the numbers are those of the full backward
 (same seeded labels, same per-token dots; the tests compare the two). A model whose layers cannot be replayed
-from their captured arguments (checked bit for bit on the first batch, as in ``_measure``) or whose logits are
+from their captured arguments (checked bit for bit on a prefix of the first window) or whose logits are
 not ``lm_head(final_norm(h))`` falls back to the full backward, with a warning. The caller's model is not
 modified (parameters frozen, hooks removed; flags, mode and attention implementation restored).
 """
@@ -187,35 +187,48 @@ def _final_norm(model: nn.Module, graph: ModelGraph) -> nn.Module | None:
     return next((m for n in _FINAL_NORMS if isinstance(m := getattr(base, n, None), nn.Module)), None)
 
 
-def _capture(model: nn.Module, layers: nn.ModuleList, head: nn.Module, norm: nn.Module, ids: Tensor,
-             check: bool) -> _Batch | None:  # fmt: skip
-    """Inputs and call arguments of every layer for one batch (no grad). With ``check``: None unless replaying
-    the layers from them, the final norm and the head reproduce the model's logits bit for bit."""
+class _Stop(Exception):
+    """Raised at the head's input: the capture needs no logits (a batch's are [b, T, vocab] fp32)."""
+
+
+def _capture(model: nn.Module, layers: nn.ModuleList, head: nn.Module, ids: Tensor) -> _Batch | None:
+    """Inputs and call arguments of every layer, and the last layer's output, for one batch (no grad)."""
     inputs: list[Tensor] = []
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     last: list[Tensor] = []
-    final: list[Tensor] = []
 
     def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         h, rest, kw = _split_call(args, kwargs)
         inputs.append(h.detach())
         calls.append((rest, kw))
 
+    def stop(_m: nn.Module, _a: Any) -> None:
+        raise _Stop
+
     handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(lambda _m, _a, out: last.append(_hidden(out).detach())))
-    handles.append(head.register_forward_pre_hook(lambda _m, a: final.append(a[0].detach())))
-    with _hooks(handles), torch.no_grad():
-        logits = model(ids, use_cache=False).logits
-    if len(inputs) != len(layers) or len(last) != 1 or len(final) != 1:
+    handles.append(head.register_forward_pre_hook(stop))
+    with _hooks(handles), torch.no_grad(), suppress(_Stop):
+        model(ids, use_cache=False)
+    if len(inputs) != len(layers) or len(last) != 1:
         return None
-    if check:
-        with torch.no_grad():
-            h = inputs[0]
-            for layer, (args, kw) in zip(layers, calls, strict=True):
-                h = _hidden(layer(h, *args, **kw))
-            if not (torch.equal(h, last[0]) and torch.equal(norm(h), final[0]) and torch.equal(head(final[0]), logits)):
-                return None
     return _Batch([*inputs, last[0]], calls)
+
+
+def _replays(model: nn.Module, layers: nn.ModuleList, head: nn.Module, norm: nn.Module, ids: Tensor) -> bool:
+    """Whether replaying the layers from their captured arguments, the final norm and the head reproduces the
+    model's logits bit for bit (on a short prefix: the check is structural, the logits of a batch are big)."""
+    final: list[Tensor] = []
+    with _hooks([head.register_forward_pre_hook(lambda _m, a: final.append(a[0].detach()))]), torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    batch = _capture(model, layers, head, ids)
+    if batch is None or len(final) != 1:
+        return False
+    with torch.no_grad():
+        h = cast(Tensor, batch.inputs[0])
+        for layer, (args, kw) in zip(layers, batch.calls, strict=True):
+            h = _hidden(layer(h, *args, **kw))
+        return torch.equal(h, cast(Tensor, batch.inputs[-1])) and torch.equal(norm(h), final[0]) and torch.equal(head(final[0]), logits)
 
 
 def _head_grad(norm: nn.Module, head: nn.Module, h_last: Tensor, gen: torch.Generator) -> Tensor:
@@ -243,9 +256,11 @@ def _stream(model: nn.Module, graph: ModelGraph, batches: list[Tensor], scorer: 
     layers = cast(nn.ModuleList, model.get_submodule(graph.layers_path))
     head = model.get_submodule(graph.lm_head.path)
     device = cast(Tensor, next(model.parameters())).device
+    if not _replays(model, layers, head, norm, batches[0][:1, :64].to(device)):
+        return False
     state: list[_Batch] = []
-    for k, ids in enumerate(tqdm(batches, desc="fisher forward", unit="batch", disable=not progress, file=sys.stderr)):
-        batch = _capture(model, layers, head, norm, ids.to(device), check=k == 0)
+    for ids in tqdm(batches, desc="fisher forward", unit="batch", disable=not progress, file=sys.stderr):
+        batch = _capture(model, layers, head, ids.to(device))
         if batch is None:
             return False
         state.append(batch)

@@ -120,3 +120,26 @@ def test_resumed_and_extended_runs_quantize_the_calibrated_options_they_still_sc
     profile(model, calib, small, method="kl", kinds=("weight",), output=out2, dtype=torch.float32, progress=False)
     extended = profile(model, calib, cands, method="kl", kinds=("weight",), output=out2, dtype=torch.float32, progress=False)
     assert {r.quantizer for r in extended.rows} == {"rtn", "gptq"}
+
+
+def test_calibrated_weights_live_in_an_unnamed_temporary_file(
+    model: Any, calib: CalibData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every layer's calibrated copies are kept on disk, read back one unit at a time, and leave no file."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(calibrated_mod.tempfile, "tempdir", None)  # re-read TMPDIR
+    graph = build_graph(model)
+    units = graph.units()
+    opts = [parse_weight_option("w4g64a@gptq"), parse_weight_option("w3g64a@awq")]
+    cw = calibrated_mod.precompute(model, graph, calib, [(u, opts) for u in units])
+    assert len(cw.entries) == 2 * len(units) and list(tmp_path.iterdir()) == []  # unnamed (O_TMPFILE)
+    for u in units:
+        for opt in opts:
+            packed, s = cw.get(u.name, opt)
+            assert len(packed) == len(u.members) and (s is None) == (opt.method == "gptq")
+            deq = cw.dequantized(u.name, opt)
+            assert all(d.shape == (m.out_features, m.in_features) for d, m in zip(deq, u.members, strict=True))
+    again = calibrated_mod.precompute(model, graph, calib, [(units[0], opts[:1])])
+    assert all(torch.equal(a, b) for a, b in zip(again.dequantized(units[0].name, opts[0]),
+                                                 cw.dequantized(units[0].name, opts[0]), strict=True))  # fmt: skip
+    cw.close()
