@@ -11,6 +11,7 @@ runs the sampler, verifies the best front plans on the model and writes the run 
 from bitplan.search._budgets import Budgets, parse_bytes, parse_latency
 from bitplan.search._cost import BytesCostModel, CostModel, LatencyTable
 from bitplan.search._pipeline import PipelineInputs, run_pipeline
+from bitplan.search._report import check_outputs
 from bitplan.search._run import SearchConfig, SearchResult, search, seed_improvement
 from bitplan.search._space import Decision, Option, ProxyMetrics, SearchSpace
 
@@ -26,6 +27,7 @@ __all__ = [
     "SearchConfig",
     "SearchResult",
     "SearchSpace",
+    "check_outputs",
     "parse_bytes",
     "parse_latency",
     "run_pipeline",

@@ -1,11 +1,12 @@
 """A search run's outputs: every front plan as JSON, the trials table, the pick (``best.json``), a report.
 
-Layout of the run directory (all files written atomically, see :mod:`bitplan._io`)::
+Layout of the run directory (written as one set, see :class:`bitplan._io.FileSet`)::
 
     front/plan-01.json ...   every Pareto-front plan, numbered by proxy quality (01 = least proxy harm)
     trials.parquet           every trial: objectives, constraints, proxy metrics, verification numbers
     best.json                one plan, picked by --pick (quality / memory / latency), metadata says why
     report.html              self-contained (plotly.js embedded once): opens offline, years later
+    outputs.json             written last: the SHA-256 of each file above (``check_outputs`` verifies them)
 
 Why the quality pick trusts *measured* KL over the proxy: the proxy only adds single-unit harms; where some
 front plans were verified on held-out text (:mod:`bitplan.search._verify`), their measured KL is the better
@@ -13,8 +14,10 @@ judge among them, and the proxy decides only when nothing was measured. Memory a
 measurement: the cost sums are exact for memory and are the cost model's own numbers for latency (the
 report labels a bytes-based latency as an estimate, so nobody mistakes it for a hardware measurement).
 
-A rerun rewrites ``front/`` from scratch: new plan files are written first, then every ``plan-*.json`` this
-run did not write is deleted, so a crash in between leaves the new front plus stale extras, never a gap.
+Every file is staged as a temporary first; only when all are written do they replace the previous run's
+(stale ``plan-*.json`` deleted in the same commit, ``summary.json`` -- the CLI's, written after the final
+evaluation -- removed with the old manifest). A kill while staging leaves the previous set whole; the
+manifest tells a set interrupted inside the commit's renames, and the rerun rewrites it.
 """
 
 from __future__ import annotations
@@ -32,16 +35,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from optuna.trial import FrozenTrial, TrialState
 
-from bitplan._io import atomic_path, atomic_write_text
+from bitplan._io import FileSet, check_file_set
 from bitplan.errors import BitplanError
 from bitplan.search._budgets import Budgets
 from bitplan.search._space import SearchSpace
 from bitplan.search._study import is_feasible, trial_constraints, trials_frame
 from bitplan.search._verify import LATENCY_KEYS, VERIFY_KEYS, proxy_quality, rank_agreement, with_verification
 
-__all__ = ["PICKS", "write_outputs"]
+__all__ = ["OUTPUTS_MANIFEST", "PICKS", "check_outputs", "write_outputs"]
 
 PICKS = ("quality", "memory", "latency")
+OUTPUTS_MANIFEST = "outputs.json"
+
+
+def check_outputs(run_dir: str | Path) -> dict[str, str]:
+    """The run directory's output files (relative path -> SHA-256) if they are one complete set, as the last
+    search wrote it; else :class:`~bitplan.errors.BitplanError` naming what is missing or changed."""
+    return check_file_set(run_dir, OUTPUTS_MANIFEST)
 _PROXY_KEYS = (
     "quality",
     "avg_weight_bits",
@@ -302,44 +312,38 @@ def write_outputs(
                  latency_ok(budgets_, t.user_attrs, latency_margin))
             for i, t in enumerate(trials, 1)]  # fmt: skip
     common = {"budgets": budgets.to_dict() if budgets else None, "latency_source": latency_source}
-    plans = {}
-    for r in rows:
-        meta = {"created_by": "bitplan search", "trial": r.trial.number, "rank": r.rank, "origin": r.origin,
-                "proxy": r.proxy, "verification": r.verification, "feasible": r.feasible,
-                "constraints": r.constraints, **common}  # fmt: skip
-        if r.latency is not None:
-            meta["measured_latency"] = {**r.latency, "meets_budget": r.latency_ok}
-        plans[r.rank] = space.to_plan({k: str(v) for k, v in r.trial.params.items()}, meta)
-        plans[r.rank].save(r.file)
-    written = {r.file.name for r in rows}
-    for old in front_dir.glob("plan-*.json") if front_dir.is_dir() else ():
-        if old.name not in written:
-            old.unlink(missing_ok=True)
-
-    trials_path = run_dir / "trials.parquet"
-    with atomic_path(trials_path, suffix=".parquet") as tmp:
-        pq.write_table(_trials_table(study), tmp)
-
-    best_path = run_dir / "best.json"
     best, reason = _pick(rows, best_pick) if rows else (None, "no front plan")
-    if best is not None:
-        plans[best.rank].with_metadata(
-            picked_by=best_pick, pick_reason=reason, front_file=f"front/{best.file.name}"
-        ).save(best_path)
-    else:
-        best_path.unlink(missing_ok=True)  # a previous run's pick would be a lie about this one
     agreement = extra.get("agreement") or {}
     if not agreement:
         verified = [r.trial for r in rows if r.verification is not None]
         agreement = rank_agreement(verified) if verified else {}
-
     best_metrics = None
     if best is not None:
         best_metrics = {**best.proxy, **{f"verify_{k}": v for k, v in {**(best.verification or {}), **(best.latency or {})}.items()}}
-    report_path = run_dir / "report.html"
     model = str(extra.get("model") or space.name_or_path or getattr(space.graph, "architecture", ""))
     page = _render(model, budgets, latency_source, rows, best, reason, agreement, extra, _figures(study))
-    atomic_write_text(report_path, page)
+    trials_path, best_path, report_path = run_dir / "trials.parquet", run_dir / "best.json", run_dir / "report.html"
+    # one set: a kill while writing leaves the previous run's outputs; outputs.json lists the committed ones
+    with FileSet(run_dir, OUTPUTS_MANIFEST, "bitplan.search-outputs", invalidates=("summary.json",)) as files:
+        for r in rows:
+            meta = {"created_by": "bitplan search", "trial": r.trial.number, "rank": r.rank, "origin": r.origin,
+                    "proxy": r.proxy, "verification": r.verification, "feasible": r.feasible,
+                    "constraints": r.constraints, **common}  # fmt: skip
+            if r.latency is not None:
+                meta["measured_latency"] = {**r.latency, "meets_budget": r.latency_ok}
+            plan = space.to_plan({k: str(v) for k, v in r.trial.params.items()}, meta)
+            files.write_text(f"front/{r.file.name}", plan.to_json())
+            if r is best:
+                picked = plan.with_metadata(picked_by=best_pick, pick_reason=reason, front_file=f"front/{r.file.name}")
+                files.write_text("best.json", picked.to_json())
+        written = {r.file.name for r in rows}
+        for old in front_dir.glob("plan-*.json") if front_dir.is_dir() else ():
+            if old.name not in written:
+                files.remove(f"front/{old.name}")
+        if best is None:
+            files.remove("best.json")  # a previous run's pick would be a lie about this one
+        pq.write_table(_trials_table(study), files.path("trials.parquet", suffix=".parquet"))
+        files.write_text("report.html", page)
     return {
         **extra,
         "run_dir": str(run_dir),

@@ -175,3 +175,39 @@ def test_report_labels_measured_latency(tmp_path: Path, space: SearchSpace, stud
     assert (
         "ESTIMATE" not in page and "measured profile h100" in page and "Proxy vs measured order" not in page
     )
+
+
+def test_outputs_are_one_set_with_a_manifest(
+    tmp_path: Path, space: SearchSpace, study: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure while the outputs are written leaves the previous run's set whole (no new file, no temp file);
+    the manifest written last lists every file's hash, and check_outputs notices a set that is not one."""
+    from bitplan.errors import BitplanError
+    from bitplan.search import _report, check_outputs
+
+    s, front = study
+    run(tmp_path, s, space, front)
+    (tmp_path / "summary.json").write_text("{}")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    listed = check_outputs(tmp_path)
+    assert set(listed) == {"best.json", "report.html", "trials.parquet", *(f"front/plan-0{i}.json" for i in range(1, 5))}
+
+    def broken(*a: Any, **k: Any) -> str:  # the report fails after the plans and the table were staged
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(_report, "_render", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run(tmp_path, s, space, front[:2], best_pick="memory")
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # same files, same bytes, no temporaries
+    monkeypatch.undo()
+
+    run(tmp_path, s, space, front[:2], best_pick="memory")  # a smaller front: stale plans go in the same commit
+    assert sorted(check_outputs(tmp_path)) == ["best.json", "front/plan-01.json", "front/plan-02.json", "report.html", "trials.parquet"]
+    assert not (tmp_path / "front" / "plan-03.json").exists() and not (tmp_path / "summary.json").exists()
+    (tmp_path / "front" / "plan-02.json").write_bytes(before[Path("front/plan-01.json")])  # not this set's file
+    with pytest.raises(BitplanError, match="plan-02.json differs"):
+        check_outputs(tmp_path)
+    (tmp_path / "outputs.json").unlink()
+    with pytest.raises(BitplanError, match="never completed"):
+        check_outputs(tmp_path)
