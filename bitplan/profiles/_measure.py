@@ -194,7 +194,8 @@ def profile_hw(
         model_name=model_name or str(getattr(model, "name_or_path", "") or ""), batch=batch,
         contexts=tuple(sorted(set(int(c) for c in contexts))), chunk=chunk, dtype=str(dtype).removeprefix("torch."),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        extra={"weights": [str(w) for w in wf], "acts": [str(a) for a in af], "kv": [str(k) for k in kf], "new_tokens": new_tokens},
+        extra={"weights": [str(w) for w in wf], "acts": [str(a) for a in af], "kv": [str(k) for k in kf], "new_tokens": new_tokens,
+               "budget_s": budget_s},
     )  # fmt: skip
     store = None
     if output is not None:

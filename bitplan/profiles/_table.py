@@ -81,7 +81,8 @@ class ProfileMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
-        """What must match for measured rows to be reused (resume)."""
+        """What must match for measured rows to be reused (resume). Not the timing budget (``extra.budget_s``):
+        it buys precision, not a different quantity, and every row carries its own reps and p10/p90."""
         return {"device": self.device.to_dict(), "model_fingerprint": self.model_fingerprint, "batch": self.batch,
                 "contexts": list(self.contexts), "chunk": self.chunk, "dtype": self.dtype}  # fmt: skip
 

@@ -35,6 +35,7 @@ from bitplan.graph import build_graph
 from bitplan.search._budgets import Budgets
 from bitplan.search._cost import BytesCostModel, CostModel
 from bitplan.search._space import SearchSpace
+from bitplan.search._study import fail_orphaned
 from bitplan.sensitivity import SensitivityTable
 
 __all__ = ["SearchConfig", "SearchResult", "search", "seed_improvement"]
@@ -129,12 +130,8 @@ def _run_lock(run_dir: Path, study: optuna.Study, own_storage: bool) -> Iterator
         pid, host = int(info.get("pid", -1)), str(info.get("host", ""))
         if host == socket.gethostname() and pid > 0 and pid != os.getpid() and pid_alive(pid):
             raise BitplanError(f"another bitplan search (pid {pid}) is running in {run_dir}; wait for it or use another -o")
-        if own_storage:
-            running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            for tr in running:
-                study._storage.set_trial_state_values(tr._trial_id, optuna.trial.TrialState.FAIL)
-            if running:
-                _log.warning("failed %d trial(s) left running by a killed search", len(running))
+        if own_storage and (failed := fail_orphaned(study, None)):
+            _log.warning("failed %d trial(s) left running by a killed search", failed)
     atomic_write_text(lock, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     try:
         yield

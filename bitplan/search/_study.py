@@ -351,13 +351,14 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(before)
 
 
-def fail_orphaned(study: optuna.Study, owners: set[str]) -> int:
-    """Fail the RUNNING trials of processes known to be dead (``"host:pid"``); returns how many.
+def fail_orphaned(study: optuna.Study, owners: set[str] | None) -> int:
+    """Fail the RUNNING trials of processes known to be dead (``"host:pid"``; None: every running trial, when
+    the study is known to be this machine's alone); returns how many.
 
     A killed process's trial otherwise waits out the heartbeat grace period (databases) or forever (journal
     files). Its plan is not lost: the sampler proposes it again at the same ordinal (see ``_sampler``)."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    dead = [t for t in running if t.system_attrs.get(WORKER_ATTR) in owners]
+    dead = [t for t in running if owners is None or t.system_attrs.get(WORKER_ATTR) in owners]
     for t in dead:
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     return len(dead)
