@@ -19,23 +19,67 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import stamp, write_section  # noqa: E402
 from bench_core import SHARED, default_model  # noqa: E402
 
-# name -> (layers, hidden, intermediate, vocab, kv heads, heads) of the models to extrapolate to
-TARGETS = {"Llama-3.1-8B": (32, 4096, 14336, 128256, 8, 32), "Llama-3.1-70B": (80, 8192, 28672, 128256, 8, 64)}
+
+@dataclass(frozen=True)
+class Shape:
+    """What the memory of a stage depends on."""
+
+    layers: int
+    hidden: int
+    inter: int
+    vocab: int
+    kv_heads: int
+    heads: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    @property
+    def layer_params(self) -> int:
+        return 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_dim + 3 * self.hidden * self.inter
+
+    def bf16_weights(self) -> int:
+        return 2 * (self.layers * self.layer_params + 2 * self.vocab * self.hidden)
 
 
-def _token_bytes(stage: str, layers: int, hidden: int, vocab: int, tokens: int) -> int:
-    """Float32 bytes of a stage that scale with the calibration tokens rather than with a layer's weights."""
-    if stage == "sensitivity-fisher":  # hidden state entering every layer + the gradient at the current one
-        return 4 * tokens * hidden * (layers + 2)
-    if stage == "sensitivity-kl":  # hidden state entering every layer + reference probabilities over the vocabulary
-        return 4 * tokens * (hidden * (layers + 1) + vocab)
-    return 4 * tokens * hidden * 2  # apply: one layer's calibration inputs and outputs
+# name -> shape of the models to extrapolate to
+TARGETS = {"Llama-3.1-8B": Shape(32, 4096, 14336, 128256, 8, 32), "Llama-3.1-70B": Shape(80, 8192, 28672, 128256, 8, 64)}
+FISHER_OPTIONS, BATCH, HEAD_ROWS = 3, 4, 256  # the sensitivity stages' options, windows per batch, Fisher head rows
+
+
+def exact_bytes(stage: str, m: Shape, tokens: int) -> dict[str, int]:
+    """The float32 bytes a stage holds by construction (the rest is workspace, see :func:`workspace_bytes`)."""
+    h, lp = m.hidden, m.layer_params
+    if stage == "sensitivity-fisher":
+        return {"hidden state entering every layer": 4 * tokens * h * (m.layers + 1),
+                "gradients at a layer's output and input": 4 * tokens * h * 2,
+                f"one layer's Q(W)-W x {FISHER_OPTIONS} options": 4 * FISHER_OPTIONS * lp}  # fmt: skip
+    if stage == "sensitivity-kl":
+        return {"hidden state entering every layer": 4 * tokens * h * (m.layers + 1),
+                "reference probabilities": 4 * tokens * m.vocab, "one unit's quantized copy": 4 * 2 * h * m.inter}  # fmt: skip
+    out = {"one layer's calibration inputs and outputs": 4 * tokens * h * 2, "one layer's float copy": 4 * lp}
+    if "@" in stage:  # X^T X in float64 per linear of the layer (q, k, v, o, gate, up: hidden^2; down: inter^2)
+        out["one layer's Hessians"] = 8 * (6 * h * h + m.inter * m.inter)
+    return out
+
+
+def workspace_bytes(stage: str, m: Shape, window: int) -> int:
+    """Temporaries of one layer's forward (and backward) on one batch: attention scores and per-token widths,
+    plus the head's rows over the vocabulary -- the shape of the workspace; its constant is fitted."""
+    batch = 1 if stage.startswith("apply") else BATCH  # the layer-wise pass runs windows one at a time
+    t = batch * window
+    scores = batch * m.heads * window * window
+    widths = t * (6 * m.hidden + 2 * m.kv_dim + 4 * m.inter)
+    head = (HEAD_ROWS if stage == "sensitivity-fisher" else 512) * m.vocab if stage.startswith("sensitivity") else 0
+    return 4 * (scores + widths + head)
 
 
 def _stage(args: argparse.Namespace) -> None:
@@ -128,37 +172,42 @@ def _report(args: argparse.Namespace, got: dict[str, dict[str, float]], measured
         "| stage | peak MB | extra MB | extra / one layer | seconds |",
         "|---|---:|---:|---:|---:|",
     ]
-    ks = {}
+    vocab = cfg.vocab_size
+    here = Shape(n, h, inter, vocab, kvh, heads)
+    fits = {}
     for st in stages:
         peak = got[st]["peak"]
         extra = max(peak - got[st]["base"], 0)
-        ks[st] = extra / layer_bytes
-        lines.append(f"| {st} | {peak / 2**20:.0f} | {extra / 2**20:.0f} | {ks[st]:.2f} | {got[st]['seconds']:.0f} |")
-    vocab = cfg.vocab_size
+        exact = sum(exact_bytes(st, here, args.tokens).values())
+        fits[st] = max(extra - exact, 0) / workspace_bytes(st, here, args.window)
+        lines.append(f"| {st} | {peak / 2**20:.0f} | {extra / 2**20:.0f} | {extra / layer_bytes:.2f} | {got[st]['seconds']:.0f} |")
     lines += [
         "",
-        "Every stage streams: each holds one decoder layer's copies (quantized weights, weight deltas per option, "
-        "Hessians) and activations at a time, plus what scales with the calibration tokens: the hidden state entering "
-        "every layer (Fisher, measured KL), the reference next-token probabilities (measured KL) and one layer's "
-        "inputs and outputs (apply). So extra = k x one layer's float32 weights + per-token bytes, with k fitted here; "
-        "tests/test_memory.py checks on random models that the extra does not grow with depth. Extrapolation on "
-        f"paper to bf16 models, float32 scoring, the same {args.tokens} calibration tokens:",
+        "Every stage streams: nothing it holds is a copy of more than one decoder layer. What it holds beyond the "
+        "model is (a) by construction: the hidden state entering every layer for the calibration tokens (Fisher, "
+        "measured KL), the reference next-token probabilities (measured KL), one layer's weight deltas per option "
+        "(Fisher), one layer's float copy, calibration inputs/outputs and float64 Hessians (apply); and (b) workspace: "
+        "one layer's forward (and backward) temporaries on one batch -- attention scores (batch x heads x window^2), "
+        "per-token widths (batch x window x ~(6 hidden + 2 kv + 4 intermediate)) and the head's rows over the "
+        "vocabulary -- whose constant c is fitted here (it absorbs autograd's saved tensors and allocator slack). "
+        "tests/test_memory.py checks on random models of 2 and 8 layers that the extra does not grow with depth. "
+        f"Extrapolation on paper: bf16 weights held, float32 scoring, the same {args.tokens} calibration tokens, "
+        f"windows of {args.window}:",
         "",
-        "| stage | per-token MB here | k (layers) | " + " | ".join(f"{t}: predicted peak GB" for t in TARGETS) + " |",
-        "|---|---:|---:|" + "---:|" * len(TARGETS),
+        "| stage | (a) here MB | (b) here MB | c | " + " | ".join(f"{t}: (a) GB | (b) GB | predicted peak GB" for t in TARGETS) + " |",
+        "|---|---:|---:|---:|" + "---:|---:|---:|" * len(TARGETS),
     ]
     for st in stages:
-        per_token = _token_bytes(st, n, h, vocab, args.tokens)
-        k = max(got[st]["peak"] - got[st]["base"] - per_token, 0) / layer_bytes
-        preds = []
-        for nl, hh, ii, voc, kv, nh in TARGETS.values():
-            lp = hh * hh * 2 + 2 * hh * (hh // nh * kv) + 3 * hh * ii
-            weights = 2 * (nl * lp + 2 * voc * hh)
-            preds.append((weights + k * 4 * lp + _token_bytes(st, nl, hh, voc, args.tokens)) / 1e9)
-        lines.append(f"| {st} | {per_token / 2**20:.0f} | {k:.1f} | " + " | ".join(f"{x:.1f}" for x in preds) + " |")
-    bf16 = [2 * (nl * (hh * hh * 2 + 2 * hh * (hh // nh * kv) + 3 * hh * ii) + 2 * voc * hh) / 1e9
-            for nl, hh, ii, voc, kv, nh in TARGETS.values()]  # fmt: skip
-    lines += ["", "bf16 weights alone: " + ", ".join(f"{t} {w:.1f} GB" for t, w in zip(TARGETS, bf16, strict=True))]
+        exact = sum(exact_bytes(st, here, args.tokens).values())
+        ws = fits[st] * workspace_bytes(st, here, args.window)
+        cells = []
+        for shape in TARGETS.values():
+            a = sum(exact_bytes(st, shape, args.tokens).values())
+            b = fits[st] * workspace_bytes(st, shape, args.window)
+            cells.append(f"{a / 1e9:.1f} | {b / 1e9:.1f} | {(shape.bf16_weights() + a + b) / 1e9:.1f}")
+        lines.append(f"| {st} | {exact / 2**20:.0f} | {ws / 2**20:.0f} | {fits[st]:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "bf16 weights alone: " + ", ".join(f"{t} {m.bf16_weights() / 1e9:.1f} GB" for t, m in TARGETS.items()),
+              "(a) terms: " + "; ".join(f"{st}: " + ", ".join(exact_bytes(st, here, args.tokens)) for st in stages)]  # fmt: skip
     del torch
     write_section("memory", "\n".join(lines))
     print("\n".join(lines))
