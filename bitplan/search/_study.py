@@ -27,13 +27,15 @@ budgets, cost model) and refuses to continue with anything else, which would mix
 
 Heartbeat: on databases a running trial beats every 30 s. When its process is killed the beat stops; after
 the grace period (90 s) the next run, or a live worker, marks it FAIL and re-queues its parameters (at most
-twice). Journal files have no heartbeat: a trial another machine's killed run left RUNNING stays so (it is not
-counted). Processes this search spawned or this machine ran are known by pid: their trials are failed at once.
+twice). Journal files have no heartbeat, but a trial takes milliseconds: one RUNNING for longer than the grace
+period is a dead process's, and the next run fails it (:func:`fail_overdue`). Processes this search spawned or
+this machine ran are known by pid: their trials are failed at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -364,6 +366,22 @@ def fail_orphaned(study: optuna.Study, owners: set[str] | None) -> int:
     return len(dead)
 
 
+def fail_overdue(study: optuna.Study, grace_period: int, now: datetime.datetime | None = None) -> int:
+    """On a journal file (no heartbeat): fail the RUNNING trials started over ``grace_period`` seconds ago.
+
+    A trial is proxy arithmetic and a few storage writes (milliseconds), so one still running after the grace
+    period belongs to a dead process -- on whichever machine shares the file. Start times are the trial's own
+    machine's local clock (Optuna's), so the machines' clocks need only agree within the grace period."""
+    if not isinstance(study._storage, optuna.storages.JournalStorage):
+        return 0
+    cutoff = (now or datetime.datetime.now()) - datetime.timedelta(seconds=grace_period)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    old = [t for t in running if t.datetime_start is not None and t.datetime_start < cutoff]
+    for t in old:
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(old)
+
+
 class _Stamp:
     """Stops a worker whose parent has died, so a killed search leaves no orphans running trials."""
 
@@ -419,6 +437,8 @@ def run_study(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # RUNNING trials of a killed run (heartbeat storages only)
+    if overdue := fail_overdue(study, opened.grace_period if opened else 90):
+        _log.warning("failed %d trial(s) a dead process left running in the journal file", overdue)
     done = study.get_trials(deepcopy=False, states=COUNTED)
     remaining = n_trials - len(done)
     if remaining <= 0:

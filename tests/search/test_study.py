@@ -202,6 +202,27 @@ def test_journal_file_storage_resumes(setup: Any, tmp_path: Path) -> None:
     assert path.is_file() and len(_finished(again)) == 9
 
 
+def test_journal_file_fails_trials_running_past_the_grace_period(setup: Any, tmp_path: Path) -> None:
+    """No heartbeat on a journal file: a trial RUNNING longer than the grace period (trials take milliseconds)
+    is a dead process's, on any machine; the next run fails it and completes the target without it."""
+    import datetime
+
+    from bitplan.search._study import fail_overdue
+
+    study = _open(setup, f"journal:{tmp_path / 'study.jsonl'}", tmp_path, grace_period=90)
+    orphan = study.ask()  # as a process on another machine left it: RUNNING, its pid unknown here
+    now = datetime.datetime.now()
+    assert fail_overdue(study, 90, now=now + datetime.timedelta(seconds=30)) == 0  # may still be running
+    assert study.get_trials()[0].state == TrialState.RUNNING
+    assert fail_overdue(study, 90, now=now + datetime.timedelta(seconds=91)) == 1
+    assert study.get_trials()[0].state == TrialState.FAIL
+    sqlite = _open(setup, None, tmp_path / "db")
+    sqlite.ask()
+    assert fail_overdue(sqlite, 90, now=now + datetime.timedelta(hours=1)) == 0  # databases use their heartbeat
+    _run(study, setup, 5)
+    assert len(_finished(study)) == 5 and orphan.number == 0
+
+
 def test_two_workers_on_sqlite_finish_exactly_the_target(setup: Any, tmp_path: Path) -> None:
     space, _, _, latency, _ = setup
     assert pickle.loads(pickle.dumps(space)).graph == space.graph  # what the spawned workers receive
