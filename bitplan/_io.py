@@ -24,7 +24,7 @@ from typing import Any
 
 from bitplan.errors import BitplanError
 
-__all__ = ["FileSet", "atomic_path", "check_file_set", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "pid_alive"]
+__all__ = ["FileSet", "atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "check_file_set", "pid_alive", "sha256_file"]
 
 
 def pid_alive(pid: int) -> bool:

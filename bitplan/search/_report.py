@@ -47,11 +47,6 @@ __all__ = ["OUTPUTS_MANIFEST", "PICKS", "check_outputs", "write_outputs"]
 PICKS = ("quality", "memory", "latency")
 OUTPUTS_MANIFEST = "outputs.json"
 
-
-def check_outputs(run_dir: str | Path) -> dict[str, str]:
-    """The run directory's output files (relative path -> SHA-256) if they are one complete set, as the last
-    search wrote it; else :class:`~bitplan.errors.BitplanError` naming what is missing or changed."""
-    return check_file_set(run_dir, OUTPUTS_MANIFEST)
 _PROXY_KEYS = (
     "quality",
     "avg_weight_bits",
@@ -270,6 +265,11 @@ def _render(model: str, budgets: Budgets | None, latency_source: str, rows: Sequ
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style>'
             f"</head><body>\n" + "\n".join(parts) + "\n</body></html>\n")  # fmt: skip
 
+
+def check_outputs(run_dir: str | Path) -> dict[str, str]:
+    """The run directory's output files (relative path -> SHA-256) if they are one complete set, as the last
+    search wrote it; else :class:`~bitplan.errors.BitplanError` naming what is missing or changed."""
+    return check_file_set(run_dir, OUTPUTS_MANIFEST)
 
 # -- entry point -----------------------------------------------------------------------------------------
 def write_outputs(

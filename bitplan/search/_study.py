@@ -47,7 +47,7 @@ import sys
 import tempfile
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -353,17 +353,23 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(before)
 
 
+def _fail_running(study: optuna.Study, dead: Callable[[FrozenTrial], bool]) -> int:
+    """Mark the RUNNING trials ``dead`` selects FAIL; returns how many. Their plans are not lost: the sampler
+    proposes each again at the same ordinal (see ``_sampler``)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    failed = [t for t in running if dead(t)]
+    for t in failed:
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(failed)
+
+
 def fail_orphaned(study: optuna.Study, owners: set[str] | None) -> int:
     """Fail the RUNNING trials of processes known to be dead (``"host:pid"``; None: every running trial, when
     the study is known to be this machine's alone); returns how many.
 
-    A killed process's trial otherwise waits out the heartbeat grace period (databases) or forever (journal
-    files). Its plan is not lost: the sampler proposes it again at the same ordinal (see ``_sampler``)."""
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    dead = [t for t in running if owners is None or t.system_attrs.get(WORKER_ATTR) in owners]
-    for t in dead:
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    return len(dead)
+    A killed process's trial otherwise waits out the heartbeat grace period (databases) or the grace period
+    of :func:`fail_overdue` (journal files)."""
+    return _fail_running(study, lambda t: owners is None or t.system_attrs.get(WORKER_ATTR) in owners)
 
 
 def fail_overdue(study: optuna.Study, grace_period: int, now: datetime.datetime | None = None) -> int:
@@ -375,11 +381,7 @@ def fail_overdue(study: optuna.Study, grace_period: int, now: datetime.datetime 
     if not isinstance(study._storage, optuna.storages.JournalStorage):
         return 0
     cutoff = (now or datetime.datetime.now()) - datetime.timedelta(seconds=grace_period)
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    old = [t for t in running if t.datetime_start is not None and t.datetime_start < cutoff]
-    for t in old:
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    return len(old)
+    return _fail_running(study, lambda t: t.datetime_start is not None and t.datetime_start < cutoff)
 
 
 class _Stamp:

@@ -75,6 +75,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bitplan._layerwise import _Stop
 from bitplan.graph import Granularity, ModelGraph, Unit, build_graph
 from bitplan.loading import _param_device, compute_dtype_for
 from bitplan.sensitivity._calib import CalibData
@@ -187,10 +188,6 @@ def _final_norm(model: nn.Module, graph: ModelGraph) -> nn.Module | None:
     return next((m for n in _FINAL_NORMS if isinstance(m := getattr(base, n, None), nn.Module)), None)
 
 
-class _Stop(Exception):
-    """Raised at the head's input: the capture needs no logits (a batch's are [b, T, vocab] fp32)."""
-
-
 def _capture(model: nn.Module, layers: nn.ModuleList, head: nn.Module, ids: Tensor) -> _Batch | None:
     """Inputs and call arguments of every layer, and the last layer's output, for one batch (no grad)."""
     inputs: list[Tensor] = []
@@ -203,7 +200,7 @@ def _capture(model: nn.Module, layers: nn.ModuleList, head: nn.Module, ids: Tens
         calls.append((rest, kw))
 
     def stop(_m: nn.Module, _a: Any) -> None:
-        raise _Stop
+        raise _Stop  # the capture needs no logits (a batch's are [b, T, vocab] fp32)
 
     handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(lambda _m, _a, out: last.append(_hidden(out).detach())))
